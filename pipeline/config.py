@@ -1,0 +1,191 @@
+"""Typed, validated job configuration.
+
+Configs are YAML files (loaded with ``yaml.safe_load`` only) validated by pydantic
+models that forbid unknown keys, so a typo, a wrong type or a missing required field
+fails before any work starts, naming the key. ``key.sub=value`` overrides from the
+command line are applied before validation; values are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any, Literal, Optional, TypeVar, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the offending key."""
+
+
+# ---------------------------------------------------------------- shared sections
+class RayConfig(Strict):
+    address: Optional[str] = Field(None, description="Cluster address; None starts (or joins via RAY_ADDRESS) local Ray.")
+    num_cpus: Optional[int] = Field(None, description="CPUs for a local Ray instance (default: all cores).")
+    include_dashboard: bool = False
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+
+
+class SamplingConfig(Strict):
+    n: int = Field(1, ge=1, description="Samples per question.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(256, ge=1, le=32768)
+    seed: int = 0
+    stop: list[str] = Field(default_factory=list)
+
+
+class PricingConfig(Strict):
+    prompt_per_1k: float = Field(0.0, ge=0.0, description="Price per 1k prompt tokens (any currency).")
+    completion_per_1k: float = Field(0.0, ge=0.0)
+    currency: str = "USD"
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return prompt_tokens / 1000 * self.prompt_per_1k + completion_tokens / 1000 * self.completion_per_1k
+
+
+class ActorPoolConfig(Strict):
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(2, ge=1)
+    batch_size: int = Field(16, ge=1, description="Rows per map_batches call.")
+    num_cpus: float = Field(1.0, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per actor, e.g. {teacher: 1}.")
+    max_restarts: int = Field(3, ge=-1)
+    max_task_retries: int = Field(3, ge=-1)
+
+
+class OpenAIBackendConfig(Strict):
+    type: Literal["openai"] = "openai"
+    base_url: str = "https://api.openai.com/v1"
+    model: str
+    api_key_env: Optional[str] = Field("OPENAI_API_KEY", description="Name of the env var holding the key (never the key).")
+    concurrency: int = Field(8, ge=1, description="In-flight requests per actor.")
+    requests_per_minute: Optional[float] = Field(None, gt=0, description="Per-actor request rate limit.")
+    tokens_per_minute: Optional[float] = Field(None, gt=0, description="Per-actor token rate limit.")
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(6, ge=0)
+    backoff_base_s: float = Field(0.5, ge=0)
+    backoff_max_s: float = Field(30.0, ge=0)
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+
+
+class HFBackendConfig(Strict):
+    type: Literal["hf"] = "hf"
+    model: str = Field(..., description="Hub name, local directory or s3:// directory of a causal LM.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    batch_size: int = Field(8, ge=1)
+    trust_remote_code: bool = False
+    max_input_tokens: int = Field(2048, ge=16)
+
+
+class ReferenceBackendConfig(Strict):
+    type: Literal["reference"] = "reference"
+    model: str = "reference-gold"
+    role: Literal["decomposer", "solver"] = "decomposer"
+
+
+class VLLMBackendConfig(Strict):
+    type: Literal["vllm"] = "vllm"
+    model: str
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    concurrency: int = Field(1, ge=1)
+    batch_size: int = Field(64, ge=1)
+    accelerator_type: Optional[str] = None
+
+
+BackendConfig = Annotated[
+    Union[OpenAIBackendConfig, HFBackendConfig, ReferenceBackendConfig, VLLMBackendConfig],
+    Field(discriminator="type"),
+]
+
+
+# ---------------------------------------------------------------- loading
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    key, raw = item.split("=", 1)
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {e}") from e
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            msg = "unknown key"
+        elif kind == "missing":
+            msg = "missing required field"
+        else:
+            msg = e["msg"]
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    from pipeline import storage
+
+    try:
+        data = yaml.safe_load(storage.read_text(path)) if path else {}
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {path}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping at the top level")
+    return data
+
+
+def load_config(model: type[M], path: Optional[str] = None, overrides: Optional[list[str]] = None) -> M:
+    """Load ``path`` (YAML), apply dotted overrides, validate into ``model``."""
+    data = load_yaml(path) if path else {}
+    data = apply_overrides(data, list(overrides or []))
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, path or "<overrides>")) from None
+
+
+def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
+    """JSON-safe dump of a config, for manifests."""
+    return cfg.model_dump(mode="json")
+
+
+def secret_from_env(var: Optional[str]) -> Optional[str]:
+    """Read a secret from the environment variable *named* in a config."""
+    if not var:
+        return None
+    return os.environ.get(var)
