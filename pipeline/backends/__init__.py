@@ -1,0 +1,38 @@
+"""Backends: OpenAI-compatible HTTP, local Hugging Face, vLLM (GPU, lazy), and offline reference."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pipeline.backends.base import Backend, BackendUnavailable, Completion, Request, SamplingParams
+
+__all__ = ["Backend", "BackendUnavailable", "Completion", "Request", "SamplingParams", "make_backend"]
+
+
+def make_backend(cfg, cache_dir: Optional[str] = None) -> Backend:
+    """Build the backend a config section describes (``type``: openai | hf | reference | vllm)."""
+    kind = cfg.type
+    if kind == "openai":
+        from pipeline.backends.openai_http import OpenAIBackend
+
+        backend: Backend = OpenAIBackend(cfg)
+    elif kind == "hf":
+        from pipeline.backends.hf_local import HFBackend
+
+        backend = HFBackend(cfg.model, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size,
+                            trust_remote_code=cfg.trust_remote_code, max_input_tokens=cfg.max_input_tokens)
+    elif kind == "reference":
+        from pipeline.backends.reference import ReferenceBackend
+
+        backend = ReferenceBackend(cfg.model, role=cfg.role)
+    elif kind == "vllm":
+        from pipeline.backends.vllm_engine import VLLMBackend
+
+        backend = VLLMBackend(cfg.model, engine_kwargs=cfg.engine_kwargs)
+    else:  # pragma: no cover - pydantic rejects unknown types first
+        raise ValueError(f"unknown backend type {kind!r}")
+    if cache_dir:
+        from pipeline.backends.cache import CachedBackend
+
+        backend = CachedBackend(backend, cache_dir)
+    return backend

@@ -1,0 +1,112 @@
+"""A local Hugging Face ``transformers`` causal LM as a batched backend.
+
+Loads any hub name, local directory or ``s3://`` directory (downloaded once), picks the
+device automatically (CUDA, then MPS, then CPU) unless the config says otherwise, and
+generates a whole batch at once with left padding and the tokenizer's chat template.
+Inside Ray Data it is held by an actor, so the model loads once per actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pipeline.backends.base import Backend, Completion, Request, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(requested: str = "auto") -> str:
+    import torch
+
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(requested: str, device: str):
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> str:
+    """Chat template when the tokenizer has one, else a plain role-prefixed transcript."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n".join(lines) + "\nAssistant:"
+
+
+class HFBackend(Backend):
+    def __init__(self, model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
+                 trust_remote_code: bool = False, max_input_tokens: int = 2048):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from pipeline import storage
+
+        self.name = model
+        path = storage.localize(model) if storage.is_s3(model) else model
+        self.device = pick_device(device)
+        self.batch_size = batch_size
+        self.max_input_tokens = max_input_tokens
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=pick_dtype(dtype, self.device), trust_remote_code=trust_remote_code
+        ).to(self.device)
+        self.model.eval()
+        self._torch = torch
+        log.info("loaded %s on %s", model, self.device)
+
+    def _generate_chunk(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
+        torch = self._torch
+        prompts = [render_prompt(self.tokenizer, r.messages) for r in requests]
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
+                             max_length=self.max_input_tokens, add_special_tokens=False).to(self.device)
+        max_pos = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", None)
+        max_new = params.max_tokens
+        if max_pos:
+            max_new = max(1, min(max_new, max_pos - enc["input_ids"].shape[1]))
+        kwargs = dict(max_new_tokens=max_new, pad_token_id=self.tokenizer.pad_token_id)
+        if params.temperature > 0:
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
+            torch.manual_seed(params.seed + requests[0].sample_index)
+        else:
+            kwargs.update(do_sample=False)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(**enc, **kwargs)
+        latency = time.perf_counter() - start
+        new_tokens = out[:, enc["input_ids"].shape[1]:]
+        completions = []
+        for i in range(len(requests)):
+            ids = new_tokens[i]
+            n_prompt = int(enc["attention_mask"][i].sum())
+            eos_hit = (ids == self.tokenizer.eos_token_id).nonzero()
+            n_gen = int(eos_hit[0]) + 1 if len(eos_hit) else int((ids != self.tokenizer.pad_token_id).sum())
+            text = self.tokenizer.decode(ids[:n_gen], skip_special_tokens=True)
+            finish = "stop" if len(eos_hit) else "length"
+            for s in params.stop:
+                if s and s in text:
+                    text, finish = text.split(s, 1)[0], "stop"
+            completions.append(Completion(text=text.strip(), prompt_tokens=n_prompt, completion_tokens=n_gen,
+                                          latency_s=latency / len(requests), finish_reason=finish))
+        return completions
+
+    def generate(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
+        out: list[Completion] = []
+        for i in range(0, len(requests), self.batch_size):
+            out.extend(self._generate_chunk(requests[i : i + self.batch_size], params))
+        return out

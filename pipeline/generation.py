@@ -1,0 +1,125 @@
+"""``generate``: the teacher writes decompositions for every (question, sample index).
+
+Rows are expanded to one request per sample, staged as shards, and run on a Ray Data
+actor pool whose actors each hold one teacher backend. Each output row records the
+subquestions, the raw text, the teacher and prompt version, the sampling parameters,
+token usage and latency; unparseable outputs and backend errors go to quarantine.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import pyarrow as pa
+from pydantic import Field, TypeAdapter
+
+from pipeline.backends import Request, SamplingParams, make_backend
+from pipeline.config import ActorPoolConfig, BackendConfig, PricingConfig, RayConfig, SamplingConfig, Strict
+from pipeline.outputs import InputConfig, OutputConfig
+from pipeline.parsing import ParseError, parse_subquestions
+from pipeline.prompts import PROMPT_VERSION, decomposer_messages
+from pipeline.schema import QUESTION_SCHEMA
+from pipeline.sharded import ShardWorker
+
+log = logging.getLogger(__name__)
+
+_backend_adapter: TypeAdapter = TypeAdapter(BackendConfig)
+
+USAGE_FIELDS = [
+    pa.field("prompt_tokens", pa.int64()),
+    pa.field("completion_tokens", pa.int64()),
+    pa.field("latency_s", pa.float64()),
+    pa.field("cached", pa.bool_()),
+]
+
+GENERATE_SCHEMA = pa.schema(
+    list(QUESTION_SCHEMA)
+    + [
+        pa.field("request_id", pa.string()),
+        pa.field("sample_index", pa.int64()),
+        pa.field("subquestions", pa.list_(pa.string())),
+        pa.field("raw_text", pa.string()),
+        pa.field("teacher", pa.string()),
+        pa.field("prompt_version", pa.string()),
+        pa.field("temperature", pa.float64()),
+        pa.field("top_p", pa.float64()),
+        pa.field("max_tokens", pa.int64()),
+        pa.field("seed", pa.int64()),
+    ]
+    + USAGE_FIELDS
+    + [pa.field("error", pa.string())]
+)
+
+
+class GenerateConfig(Strict):
+    ray: RayConfig = Field(default_factory=RayConfig)
+    input: InputConfig
+    output: OutputConfig
+    teacher: BackendConfig
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    pool: ActorPoolConfig = Field(default_factory=ActorPoolConfig)
+    few_shot: bool = Field(True, description="Include the worked demonstrations in the teacher prompt.")
+    max_subquestions: int = Field(10, ge=1)
+    cache_dir: Optional[str] = Field(None, description="Response cache (local or s3://); None disables it.")
+    pricing: PricingConfig = Field(default_factory=PricingConfig)
+
+
+def expand_samples(rows, n: int):
+    """One request per (question, sample index), with a stable ``request_id``."""
+    for row in rows:
+        for k in range(n):
+            yield {**row, "request_id": f"{row['id']}#{k}", "sample_index": k}
+
+
+def usage_of(completions) -> dict[str, float]:
+    return {
+        "prompt_tokens": sum(c.prompt_tokens for c in completions),
+        "completion_tokens": sum(c.completion_tokens for c in completions),
+        "cached": sum(1 for c in completions if c.cached),
+        "latency_s": sum(c.latency_s for c in completions),
+    }
+
+
+def completion_fields(c) -> dict[str, Any]:
+    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+            "latency_s": c.latency_s, "cached": c.cached}
+
+
+class DecomposeWorker(ShardWorker):
+    """Ray Data actor: holds one teacher backend, decomposes the rows of a shard."""
+
+    schema = GENERATE_SCHEMA
+
+    def __init__(self, out_dir: str, teacher: dict, sampling: dict, few_shot: bool, max_subquestions: int,
+                 cache_dir: Optional[str] = None, batch_size: int = 16):
+        super().__init__(out_dir)
+        self.backend = make_backend(_backend_adapter.validate_python(teacher), cache_dir)
+        self.params = SamplingParams.from_config(SamplingConfig(**sampling))
+        self.few_shot = few_shot
+        self.max_subquestions = max_subquestions
+        self.batch_size = batch_size
+
+    def process(self, rows):
+        good, bad, completions = [], [], []
+        for i in range(0, len(rows), self.batch_size):
+            chunk = rows[i : i + self.batch_size]
+            reqs = [Request(messages=decomposer_messages(r, few_shot=self.few_shot), sample_index=int(r["sample_index"]),
+                            row=r, role="decomposer") for r in chunk]
+            outs = self.backend.generate(reqs, self.params)
+            completions.extend(outs)
+            for row, c in zip(chunk, outs):
+                out = {**row, "raw_text": c.text, "teacher": self.backend.name, "prompt_version": PROMPT_VERSION,
+                       "temperature": self.params.temperature, "top_p": self.params.top_p,
+                       "max_tokens": self.params.max_tokens, "seed": self.params.seed + int(row["sample_index"]),
+                       **completion_fields(c), "subquestions": None, "error": None}
+                if c.error:
+                    bad.append({**out, "error": f"teacher error: {c.error}"})
+                    continue
+                try:
+                    out["subquestions"] = parse_subquestions(c.text, self.max_subquestions)
+                except ParseError as e:
+                    bad.append({**out, "error": f"parse error: {e}"})
+                    continue
+                good.append(out)
+        return good, bad, usage_of(completions)

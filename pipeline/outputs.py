@@ -1,0 +1,38 @@
+"""Config sections for job inputs/outputs shared by the sharded jobs."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import Field
+
+from pipeline.config import Strict
+
+
+class InputConfig(Strict):
+    path: str = Field(..., description="A previous job's output dir, or a Parquet file/dir (local or s3://).")
+    limit: Optional[int] = Field(None, ge=1, description="Use only the first N input rows.")
+    datasets: Optional[list[str]] = Field(None, description="Keep only these datasets.")
+    splits: Optional[list[str]] = Field(None, description="Keep only these splits.")
+
+
+class OutputConfig(Strict):
+    dir: str = Field(..., description="Output directory (local or s3://).")
+    overwrite: bool = Field(False, description="Delete an existing output first instead of resuming it.")
+    shard_size: int = Field(64, ge=1, le=100_000, description="Rows per work unit (the redo window on a crash).")
+
+
+def filtered_rows(inp: InputConfig):
+    """Input rows after the dataset/split filters and the limit."""
+    from pipeline import tables
+
+    n = 0
+    for row in tables.iter_rows(inp.path):
+        if inp.datasets and row.get("dataset") not in inp.datasets:
+            continue
+        if inp.splits and row.get("split") not in inp.splits:
+            continue
+        yield row
+        n += 1
+        if inp.limit and n >= inp.limit:
+            return
