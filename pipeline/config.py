@@ -56,8 +56,8 @@ class ActorPoolConfig(Strict):
     num_cpus: float = Field(1.0, ge=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per actor, e.g. {teacher: 1}.")
-    max_restarts: int = Field(3, ge=-1)
-    max_task_retries: int = Field(3, ge=-1)
+    max_restarts: Optional[int] = Field(None, ge=-1, description="Actor restarts (None: Ray Data's default, unlimited).")
+    max_task_retries: Optional[int] = Field(None, ge=-1, description="Task retries on a restarted actor (None: unlimited).")
 
 
 class OpenAIBackendConfig(Strict):

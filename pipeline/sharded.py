@@ -141,8 +141,15 @@ def run_shards(
     pool: ActorPoolConfig,
     label: str,
     on_progress: Optional[Callable[[dict[str, Any]], None]] = None,
+    secret_env: Optional[list[str]] = None,
 ) -> dict[str, Any]:
-    """Run every pending shard on an actor pool; returns totals over *all* committed shards."""
+    """Run every pending shard on an actor pool; returns totals over *all* committed shards.
+
+    ``secret_env`` names environment variables (API keys) to hand from this driver to the
+    actors through Ray's ``runtime_env`` when they are set here, so a key exported where
+    the job's driver runs reaches every actor without ever being written to a config,
+    an output or a log.
+    """
     import ray
 
     todo = pending_shards(layout, shards)
@@ -157,8 +164,8 @@ def run_shards(
             num_cpus=pool.num_cpus,
             num_gpus=pool.num_gpus or None,
             resources=pool.resources or None,
-            max_restarts=pool.max_restarts,
-            max_task_retries=pool.max_task_retries,
+            runtime_env=_secret_runtime_env(secret_env),
+            **_restart_args(pool),
         )
         started, n, rows, tokens = time.perf_counter(), 0, 0, 0.0
         for item in ds.iter_rows():
@@ -172,6 +179,18 @@ def run_shards(
             if on_progress:
                 on_progress(stats)
     return totals(layout, shards)
+
+
+def _restart_args(pool: ActorPoolConfig) -> dict[str, Any]:
+    args = {k: v for k, v in (("max_restarts", pool.max_restarts), ("max_task_retries", pool.max_task_retries)) if v is not None}
+    return {"ray_remote_args_fn": lambda: dict(args)} if args else {}
+
+
+def _secret_runtime_env(names: Optional[list[str]]) -> Optional[dict[str, Any]]:
+    import os
+
+    env = {n: os.environ[n] for n in (names or []) if n and os.environ.get(n)}
+    return {"env_vars": env} if env else None
 
 
 def totals(layout: Layout, shards: list[str]) -> dict[str, Any]:

@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         shards = stage_requests(layout, requests, cfg.output.shard_size, fingerprint, cfg.output.overwrite)
         worker_kwargs = dict(teacher=cfg.teacher.model_dump(), sampling=cfg.sampling.model_dump(), few_shot=cfg.few_shot,
                              max_subquestions=cfg.max_subquestions, cache_dir=cfg.cache_dir, batch_size=cfg.pool.batch_size)
-        totals = run_shards(layout, shards, DecomposeWorker, worker_kwargs, cfg.pool, "generate")
+        totals = run_shards(layout, shards, DecomposeWorker, worker_kwargs, cfg.pool, "generate",
+                            secret_env=[getattr(cfg.teacher, "api_key_env", None)])
         counts, usage = run_summary(totals, cfg.pricing, time.time() - started)
         write_manifest(cfg.output.dir, "generate", cfg, inputs={"questions": cfg.input.path}, counts=counts,
                        started_at=started, usage=usage)
