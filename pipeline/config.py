@@ -89,6 +89,7 @@ class ReferenceBackendConfig(Strict):
     type: Literal["reference"] = "reference"
     model: str = "reference-gold"
     role: Literal["decomposer", "solver"] = "decomposer"
+    coverage_threshold: float = Field(0.8, ge=0.0, le=1.0, description="Oracle solver: ROUGE-L recall of the gold steps needed to answer correctly.")
 
 
 class VLLMBackendConfig(Strict):

@@ -24,7 +24,7 @@ def make_backend(cfg, cache_dir: Optional[str] = None) -> Backend:
     elif kind == "reference":
         from pipeline.backends.reference import ReferenceBackend
 
-        backend = ReferenceBackend(cfg.model, role=cfg.role)
+        backend = ReferenceBackend(cfg.model, role=cfg.role, coverage_threshold=cfg.coverage_threshold)
     elif kind == "vllm":
         from pipeline.backends.vllm_engine import VLLMBackend
 

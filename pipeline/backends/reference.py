@@ -73,7 +73,7 @@ def _wrong_answer(gold: str) -> str:
 
 
 class ReferenceBackend(Backend):
-    def __init__(self, model: str = "reference-gold", role: str = "decomposer", coverage_threshold: float = 0.9):
+    def __init__(self, model: str = "reference-gold", role: str = "decomposer", coverage_threshold: float = 0.8):
         self.name = model
         self.role = role
         self.coverage_threshold = coverage_threshold
@@ -98,10 +98,25 @@ class ReferenceBackend(Backend):
         subanswers = [gold_a[i] if i < len(gold_a) else "" for i in range(len(given))]
         return Completion(text=format_solver_output(subanswers, gold if correct else _wrong_answer(gold)))
 
+    def _dynamic_step(self, req: Request) -> Completion:
+        """Self-ask decomposer: the next gold subquestion as a follow-up, then the final answer."""
+        gold_q, _ = gold_pairs(req.row)
+        asked = len(req.row.get("history") or [])
+        if asked < len(gold_q):
+            return Completion(text=f"Follow up: {gold_q[asked]}")
+        return Completion(text=f"So the final answer is: {(req.row.get('answers') or [''])[0]}")
+
+    def _dynamic_answer(self, req: Request) -> Completion:
+        _, gold_a = gold_pairs(req.row)
+        asked = len(req.row.get("history") or [])
+        return Completion(text=gold_a[asked] if asked < len(gold_a) else "unknown")
+
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
+        roles = {"decomposer": self._decompose, "solver": self._solve, "dynamic_decomposer": self._dynamic_step,
+                 "dynamic_solver": self._dynamic_answer, "direct": self._solve}
         out = []
         for req in requests:
-            c = self._decompose(req) if req.role == "decomposer" else self._solve(req)
+            c = roles[req.role](req)
             c.prompt_tokens = sum(_word_count(m["content"]) for m in req.messages)
             c.completion_tokens = _word_count(c.text)
             c.finish_reason = "stop" if c.error is None else None

@@ -1,0 +1,186 @@
+"""``evaluate``: turn prediction sets (``infer`` outputs) into a report, results.json and plots.
+
+For each dataset and setting: the dataset's metric (GSM8K exact match, DROP F1, Bamboogle
+accuracy), decomposition quality against gold where gold exists (ROUGE-L, subquestion
+count match, parse rate), tokens per question split by decomposer and solver, estimated
+cost and the decomposer's share of it. Every figure carries its lineage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+from pydantic import Field
+
+from pipeline import storage, tables
+from pipeline.config import PricingConfig, Strict
+from pipeline.manifest import read_manifest
+from pipeline.metrics import METRIC_NAME
+
+log = logging.getLogger(__name__)
+
+
+class SettingRef(Strict):
+    name: str
+    predictions: str = Field(..., description="An infer output dir (local or s3://).")
+
+
+class RolePricing(Strict):
+    decomposer: PricingConfig = Field(default_factory=PricingConfig)
+    solver: PricingConfig = Field(default_factory=PricingConfig)
+
+
+class EvaluateOutput(Strict):
+    dir: str
+
+
+class EvaluateConfig(Strict):
+    settings: list[SettingRef] = Field(..., min_length=1)
+    output: EvaluateOutput
+    pricing: RolePricing = Field(default_factory=RolePricing)
+    title: str = "divconq evaluation"
+
+
+def _mean(values: list[float]) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def summarize(rows: list[dict], pricing: RolePricing) -> dict[str, Any]:
+    n = len(rows)
+    dec_tokens = [r["decomposer_prompt_tokens"] + r["decomposer_completion_tokens"] for r in rows]
+    sol_tokens = [r["solver_prompt_tokens"] + r["solver_completion_tokens"] for r in rows]
+    dec_cost = sum(pricing.decomposer.cost(r["decomposer_prompt_tokens"], r["decomposer_completion_tokens"]) for r in rows)
+    sol_cost = sum(pricing.solver.cost(r["solver_prompt_tokens"], r["solver_completion_tokens"]) for r in rows)
+    total_tokens = sum(dec_tokens) + sum(sol_tokens)
+    parsed = [r["decomposition_parsed"] for r in rows if r.get("decomposition_parsed") is not None]
+    return {
+        "n": n,
+        "accuracy": _mean([float(r["correct"]) for r in rows]),
+        "em": _mean([r["em"] for r in rows]),
+        "f1": _mean([r["f1"] for r in rows]),
+        "rouge_l": _mean([r.get("rouge_l") for r in rows]),
+        "count_match": _mean([r.get("count_match") for r in rows]),
+        "parse_rate": _mean([float(p) for p in parsed]),
+        "decomposer_tokens_per_q": sum(dec_tokens) / n if n else 0.0,
+        "solver_tokens_per_q": sum(sol_tokens) / n if n else 0.0,
+        "calls_per_q": _mean([r["decomposer_calls"] + r["solver_calls"] for r in rows]),
+        "decomposer_token_share": sum(dec_tokens) / total_tokens if total_tokens else 0.0,
+        "cost_per_q": (dec_cost + sol_cost) / n if n else 0.0,
+        "decomposer_cost_share": dec_cost / (dec_cost + sol_cost) if dec_cost + sol_cost else None,
+    }
+
+
+def primary(dataset: str, s: dict[str, Any]) -> float:
+    name = METRIC_NAME.get(dataset, "accuracy")
+    return {"exact_match": s["em"], "f1": s["f1"]}.get(name, s["accuracy"])
+
+
+def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    results: dict[str, Any] = {"title": cfg.title, "settings": [], "table": []}
+    for ref in cfg.settings:
+        manifest = read_manifest(ref.predictions) or {}
+        rows = tables.read_rows(storage.join(ref.predictions, "data"))
+        mcfg = manifest.get("config", {})
+        lineage = {"predictions": ref.predictions, "mode": mcfg.get("mode"), "decomposer": (mcfg.get("decomposer") or {}).get("model"),
+                   "solver": (mcfg.get("solver") or {}).get("model"), "input": (mcfg.get("input") or {}).get("path"),
+                   "prompt_version": rows[0]["prompt_version"] if rows else None, "rows": len(rows),
+                   "quarantined": (manifest.get("counts") or {}).get("quarantined")}
+        results["settings"].append({"name": ref.name, "lineage": lineage})
+        for dataset in sorted({r["dataset"] for r in rows}):
+            s = summarize([r for r in rows if r["dataset"] == dataset], cfg.pricing)
+            s.update(setting=ref.name, dataset=dataset, metric=METRIC_NAME.get(dataset, "accuracy"), score=primary(dataset, s))
+            results["table"].append(s)
+    out = cfg.output.dir
+    storage.write_json(storage.join(out, "results.json"), results)
+    plots = write_plots(results, out)
+    storage.write_text(storage.join(out, "report.md"), render_report(results, plots))
+    return results
+
+
+def _fmt(v: Any, pct: bool = False) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{100 * v:.1f}" if pct else f"{v:.1f}"
+    return str(v)
+
+
+def render_report(results: dict[str, Any], plots: list[str]) -> str:
+    lines = [f"# {results['title']}", "", "| dataset | setting | metric | score | n | ROUGE-L vs gold | parse rate | "
+             "decomposer tok/q | solver tok/q | calls/q | decomposer token share | cost/q |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in results["table"]:
+        lines.append(f"| {s['dataset']} | {s['setting']} | {s['metric']} | {_fmt(s['score'], True)} | {s['n']} | "
+                     f"{_fmt(s['rouge_l'], True)} | {_fmt(s['parse_rate'], True)} | {_fmt(s['decomposer_tokens_per_q'])} | "
+                     f"{_fmt(s['solver_tokens_per_q'])} | {_fmt(s['calls_per_q'])} | {_fmt(s['decomposer_token_share'], True)} | "
+                     f"{s['cost_per_q']:.5f} |")
+    lines += ["", "Scores and shares are percentages. Tokens are as counted by each backend (the offline reference "
+              "backends count words).", "", "## Lineage", ""]
+    for st in results["settings"]:
+        lin = st["lineage"]
+        lines.append(f"- **{st['name']}**: mode `{lin['mode']}`, decomposer `{lin['decomposer']}`, solver `{lin['solver']}`, "
+                     f"prompt `{lin['prompt_version']}`, data `{lin['input']}`, {lin['rows']} rows "
+                     f"({lin['quarantined'] or 0} quarantined), predictions `{lin['predictions']}`")
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(results: dict[str, Any], out: str) -> list[str]:
+    """Metric per dataset and setting, and tokens per question split by stage (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = results["table"]
+    if not table:
+        return []
+    datasets = sorted({s["dataset"] for s in table})
+    settings = list(dict.fromkeys(s["setting"] for s in table))
+    names = []
+    for kind in ("metric", "tokens"):
+        fig, axes = plt.subplots(1, len(datasets), figsize=(max(6, 4.5 * len(datasets)), 4.2), squeeze=False)
+        for ax, ds in zip(axes[0], datasets):
+            rows = [next((s for s in table if s["dataset"] == ds and s["setting"] == st), None) for st in settings]
+            labels = [st for st, r in zip(settings, rows) if r]
+            rows = [r for r in rows if r]
+            x = range(len(rows))
+            if kind == "metric":
+                ax.bar(x, [100 * (r["score"] or 0) for r in rows], color="#4C72B0")
+                ax.set_ylabel(f"{rows[0]['metric']} (%)")
+                ax.set_ylim(0, 100)
+            else:
+                dec = [r["decomposer_tokens_per_q"] for r in rows]
+                ax.bar(x, dec, label="decomposer", color="#DD8452")
+                ax.bar(x, [r["solver_tokens_per_q"] for r in rows], bottom=dec, label="solver", color="#55A868")
+                ax.set_ylabel("tokens per question")
+                ax.legend(fontsize=8)
+            ax.set_title(ds)
+            ax.set_xticks(list(x))
+            ax.set_xticklabels([_wrap(label) for label in labels], fontsize=7)
+        fig.tight_layout()
+        name = f"{kind}.png"
+        local = os.path.join(out, name) if not storage.is_s3(out) else os.path.join("/tmp", f"divconq-{os.getpid()}-{name}")
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        fig.savefig(local, dpi=110)
+        plt.close(fig)
+        if storage.is_s3(out):
+            with open(local, "rb") as f:
+                storage.write_bytes(storage.join(out, name), f.read())
+        names.append(name)
+    return names
+
+
+def _wrap(text: str, width: int = 18) -> str:
+    words, lines, cur = text.split(), [], ""
+    for w in words:
+        if cur and len(cur) + len(w) + 1 > width:
+            lines.append(cur)
+            cur = w
+        else:
+            cur = f"{cur} {w}".strip()
+    return "\n".join(lines + [cur])
