@@ -23,34 +23,6 @@ from pipeline.manifest import write_manifest
 from training.config import TrainConfig
 
 
-def count_rows(path: Optional[str]) -> int:
-    if not path:
-        return 0
-    import pyarrow.dataset as pads
-
-    fs, inner = storage.filesystem(path)
-    return pads.dataset(inner, filesystem=fs, format="parquet").count_rows()
-
-
-def absolute_paths(cfg: TrainConfig) -> TrainConfig:
-    """Workers may run in another cwd: resolve local paths on the driver."""
-
-    def fix(p: Optional[str]) -> Optional[str]:
-        return p if not p or storage.is_s3(p) else os.path.abspath(os.path.expanduser(p))
-
-    data = cfg.data.model_copy(update={"train_path": fix(cfg.data.train_path), "validation_path": fix(cfg.data.validation_path)})
-    output = cfg.output.model_copy(update={"dir": fix(cfg.output.dir), "checkpoint_dir": fix(cfg.output.checkpoint_dir)})
-    return cfg.model_copy(update={"data": data, "output": output, "resume_from": fix(cfg.resume_from)})
-
-
-def read_trainer_state(checkpoint) -> dict:
-    """``trainer_state.json`` of a Ray Train checkpoint (epoch, step, metrics history)."""
-    import json
-
-    with checkpoint.filesystem.open_input_stream(checkpoint.path.rstrip("/") + "/trainer_state.json") as f:
-        return json.loads(f.read().decode("utf-8"))
-
-
 def prepare_base_model(cfg: TrainConfig) -> str:
     """The base model every worker loads: a hub name / dir / s3:// dir, or a tiny one built here
     (stored next to the checkpoints so that workers on any node, and resumed runs, use the same one)."""
@@ -87,10 +59,11 @@ def run(cfg: TrainConfig) -> int:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from training.export import export_from_checkpoint
-    from training.train_loop import train_loop_per_worker
+    from training.sft_data import count_rows
+    from training.train_loop import read_trainer_state, train_loop_per_worker
 
     started = time.time()
-    cfg = absolute_paths(cfg)
+    cfg = cfg.with_absolute_paths()
     init_ray(cfg.ray)
     base_model = prepare_base_model(cfg)
     log.info("train: base model %s", base_model)

@@ -1,0 +1,137 @@
+"""``TrainConfig``: the validated schema of the ``train`` job (``configs/train.yaml``).
+
+Every section forbids unknown keys (``pipeline.config.Strict``), so a typo fails before
+Ray starts. Override any key from the command line, e.g.
+``python -m ray_jobs.train --config configs/train.yaml deepspeed.zero_stage=3``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import Field, model_validator
+
+from pipeline.config import RayConfig, Strict
+
+
+class TrainDataConfig(Strict):
+    train_path: str = Field(..., description="Parquet dataset (dir or file, local or s3://) written by the `select` job.")
+    validation_path: Optional[str] = Field(None, description="Parquet validation set; None skips validation.")
+    max_length: int = Field(1024, ge=16, le=131072, description="Tokens per example; longer examples are truncated (and counted).")
+    pack_or_group: Literal["group_by_length", "pack", "none"] = Field(
+        "group_by_length",
+        description="group_by_length: sort by length within shuffled mega-batches (less padding); "
+        "pack: concatenate examples up to max_length (block-diagonal attention via position_ids); none: plain shuffle.",
+    )
+    mega_batch_multiplier: int = Field(32, ge=1, description="group_by_length: mega-batch = this many rounds of micro-batches.")
+    shuffle: bool = True
+
+
+class TinyModelConfig(Strict):
+    arch: Literal["llama", "gpt2"] = "llama"
+    vocab_size: int = Field(2048, ge=300)
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    max_positions: int = Field(1024, ge=16)
+
+
+class TrainModelConfig(Strict):
+    name_or_path: Optional[str] = Field(None, description="HF hub name, local dir or s3:// dir of a causal LM (ignored when build_tiny).")
+    build_tiny: bool = Field(False, description="Build a tiny random Llama + BPE tokenizer trained on the training text (no download).")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype to load weights in; auto follows deepspeed.precision."
+    )
+    gradient_checkpointing: bool = False
+    attn_implementation: Optional[str] = Field(None, description="e.g. sdpa | eager | flash_attention_2; None = library default.")
+
+    @model_validator(mode="after")
+    def _need_a_model(self) -> "TrainModelConfig":
+        if not self.build_tiny and not self.name_or_path:
+            raise ValueError("set model.name_or_path or model.build_tiny=true")
+        return self
+
+
+class DeepSpeedSection(Strict):
+    zero_stage: int = Field(2, ge=0, le=3)
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimizer states to CPU (stage >= 1).")
+    offload_param: bool = Field(False, description="Offload parameters to CPU (stage 3 only).")
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = Field("auto", description="auto: bf16 on a GPU that supports it, else fp32.")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per worker per forward pass.")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_clipping: float = Field(1.0, ge=0.0)
+    extra: dict[str, Any] = Field(default_factory=dict, description="Merged (recursively) into the generated DeepSpeed config.")
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> "DeepSpeedSection":
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError("deepspeed.offload_param needs zero_stage 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs zero_stage >= 1")
+        return self
+
+
+class OptimConfig(Strict):
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: Optional[int] = Field(None, ge=0, description="Overrides warmup_ratio when set.")
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="cosine: final lr as a fraction of lr.")
+
+
+class ScheduleConfig(Strict):
+    epochs: int = Field(1, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps (across epochs).")
+    checkpoint_every_steps: Optional[int] = Field(None, ge=1, description="Also checkpoint every N optimizer steps (always at epoch end).")
+    log_every_steps: int = Field(10, ge=1, description="Report metrics every N optimizer steps.")
+    eval_every_epoch: bool = True
+
+
+class ScalingSection(Strict):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, ge=0)
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources, e.g. {trainer: 1}.")
+
+
+class TrainOutputConfig(Strict):
+    dir: str = Field(..., description="Where the final Hugging Face model + manifest.json go (local or s3://).")
+    checkpoint_dir: str = Field(..., description="Ray Train storage_path for checkpoints (local or s3://; shared storage on multi-node).")
+    run_name: str = Field("train", description="Re-running with the same run_name + checkpoint_dir resumes from its latest checkpoint.")
+    num_checkpoints_to_keep: int = Field(2, ge=1)
+
+
+class TrainFailureConfig(Strict):
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the latest checkpoint (-1: unlimited).")
+
+
+class TrainConfig(Strict):
+    ray: RayConfig = Field(default_factory=RayConfig)
+    data: TrainDataConfig
+    model: TrainModelConfig
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    output: TrainOutputConfig
+    failure: TrainFailureConfig = Field(default_factory=TrainFailureConfig)
+    resume_from: Optional[str] = Field(
+        None, description="A checkpoint directory (local or s3://) of an earlier run to start from when this run has none."
+    )
+    seed: int = 0
+
+    def with_absolute_paths(self) -> "TrainConfig":
+        """Resolve local paths (workers may run in another cwd); s3:// paths are kept."""
+        import os
+
+        def fix(p: Optional[str]) -> Optional[str]:
+            return p if not p or p.startswith("s3://") else os.path.abspath(os.path.expanduser(p))
+
+        data = self.data.model_copy(update={"train_path": fix(self.data.train_path), "validation_path": fix(self.data.validation_path)})
+        output = self.output.model_copy(update={"dir": fix(self.output.dir), "checkpoint_dir": fix(self.output.checkpoint_dir)})
+        return self.model_copy(update={"data": data, "output": output, "resume_from": fix(self.resume_from)})
