@@ -1,0 +1,235 @@
+"""``solve``: the second stage, a solver answers every decomposition (static two-stage reasoning).
+
+Input is a ``generate`` output (or any row set with ``request_id``, ``dataset``,
+``question``, ``context``, ``answers`` and ``subquestions``); ``request_id`` is already
+unique, so each input row is one work unit (no expansion). For each row the solver gets
+one :func:`~pipeline.prompts.solver_messages` call: it answers the subquestions in order
+("A1: ...", each answer may use the earlier ones in the same generation) and ends with
+"The answer is: ...". The output row keeps every input column and adds the subanswers,
+the extracted final answer (``prediction``), the raw solver text, the solver model and
+prompt version, the solver's token usage and latency, and the scores (``em``, ``f1``,
+``correct``) from :func:`pipeline.metrics.score`.
+
+Failure policy:
+
+* a backend error (``Completion.error``) goes to quarantine with an ``error`` naming the
+  ``request_id``; an unreachable backend (:class:`BackendUnavailable`) stops the job and
+  a rerun resumes it.
+* a solver output with no final answer is *not* quarantined: in evaluation terms it is a
+  wrong prediction, and dropping it would inflate accuracy and bias rejection sampling.
+  The row is kept with ``prediction=None`` (scored ``correct=False``) and a
+  ``parse_warning``. A missing "The answer is:" marker on GSM8K falls back to the last
+  number (:func:`~pipeline.parsing.extract_answer`), also with a ``parse_warning``, as
+  does a solver that answered a different number of subquestions than it was given.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import pyarrow as pa
+from pydantic import Field, TypeAdapter, field_validator
+
+from pipeline.backends import Request, SamplingParams, make_backend
+from pipeline.config import ActorPoolConfig, BackendConfig, PricingConfig, RayConfig, SamplingConfig, Strict
+from pipeline.generation import GENERATE_SCHEMA, usage_of
+from pipeline.metrics import METRIC_NAME, score
+from pipeline.outputs import InputConfig, OutputConfig
+from pipeline.parsing import extract_answer, parse_solver_output
+from pipeline.prompts import PROMPT_VERSION, solver_messages
+from pipeline.sharded import ShardWorker
+
+log = logging.getLogger(__name__)
+
+_backend_adapter: TypeAdapter = TypeAdapter(BackendConfig)
+
+# Input columns a solve needs.
+REQUIRED_INPUT_COLUMNS = ("request_id", "id", "dataset", "question", "answers", "subquestions")
+
+SOLVE_FIELDS = [
+    pa.field("subanswers", pa.list_(pa.string())),
+    pa.field("prediction", pa.string()),
+    pa.field("solver_raw_text", pa.string()),
+    pa.field("solver", pa.string()),
+    pa.field("solver_prompt_version", pa.string()),
+    pa.field("solver_prompt_tokens", pa.int64()),
+    pa.field("solver_completion_tokens", pa.int64()),
+    pa.field("solver_latency_s", pa.float64()),
+    pa.field("solver_cached", pa.bool_()),
+    pa.field("em", pa.float64()),
+    pa.field("f1", pa.float64()),
+    pa.field("correct", pa.bool_()),
+    pa.field("parse_warning", pa.string()),
+]
+_SOLVE_NAMES = {f.name for f in SOLVE_FIELDS} | {"error"}
+
+
+def solve_schema(input_schema: pa.Schema = GENERATE_SCHEMA) -> pa.Schema:
+    """Every input column (in input order, less any solve column it already has) + the solve columns + ``error``."""
+    kept = [f for f in input_schema if f.name not in _SOLVE_NAMES]
+    return pa.schema(kept + SOLVE_FIELDS + [pa.field("error", pa.string())])
+
+
+SOLVE_SCHEMA = solve_schema(GENERATE_SCHEMA)
+
+
+class SolveConfig(Strict):
+    ray: RayConfig = Field(default_factory=RayConfig)
+    input: InputConfig
+    output: OutputConfig
+    solver: BackendConfig
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    pool: ActorPoolConfig = Field(default_factory=ActorPoolConfig)
+    few_shot: bool = Field(True, description="Include the worked demonstration in the solver prompt.")
+    cache_dir: Optional[str] = Field(None, description="Response cache (local or s3://); None disables it.")
+    pricing: PricingConfig = Field(default_factory=PricingConfig)
+    drop_f1_threshold: float = Field(0.5, ge=0.0, le=1.0, description="DROP: a prediction is correct when F1 >= this.")
+
+    @field_validator("sampling")
+    @classmethod
+    def _one_solve_per_decomposition(cls, v: SamplingConfig) -> SamplingConfig:
+        if v.n != 1:
+            raise ValueError("solve answers each decomposition once: sampling.n must be 1 "
+                             "(sample more decompositions in generate instead)")
+        return v
+
+
+def input_schema(path: str) -> pa.Schema:
+    """The schema of an input row set (a job output root, a Parquet dir or file; local or s3://)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from pipeline import storage, tables
+
+    files = storage.list_files(tables.dataset_path(path), ".parquet")
+    if not files:
+        raise FileNotFoundError(f"no Parquet input rows under {path}")
+    schema = pq.ParquetFile(io.BytesIO(storage.read_bytes(files[0]))).schema_arrow
+    missing = [c for c in REQUIRED_INPUT_COLUMNS if c not in schema.names]
+    if missing:
+        raise ValueError(f"solve input {path} lacks column(s) {missing}: expected a generate output "
+                         f"(columns {list(REQUIRED_INPUT_COLUMNS)})")
+    return schema
+
+
+def _score_keys(dataset: str) -> dict[str, str]:
+    return {k: f"acc.{dataset}.{k}" for k in ("n", "correct", "em", "f1", "no_answer", "quarantined")}
+
+
+class SolveWorker(ShardWorker):
+    """Ray Data actor: holds one solver backend, solves and scores the rows of a shard."""
+
+    schema = SOLVE_SCHEMA
+
+    def __init__(self, out_dir: str, solver: dict, sampling: dict, few_shot: bool, drop_f1_threshold: float = 0.5,
+                 schema: Optional[pa.Schema] = None, cache_dir: Optional[str] = None, batch_size: int = 16):
+        super().__init__(out_dir)
+        if schema is not None:
+            self.schema = schema
+        self.backend = make_backend(_backend_adapter.validate_python(solver), cache_dir)
+        self.params = SamplingParams.from_config(SamplingConfig(**sampling))
+        self.few_shot = few_shot
+        self.drop_f1_threshold = drop_f1_threshold
+        self.batch_size = batch_size
+
+    def request(self, row: dict[str, Any]) -> Request:
+        subqs = list(row["subquestions"] or [])
+        return Request(messages=solver_messages(row, subqs, few_shot=self.few_shot),
+                       sample_index=int(row.get("sample_index") or 0), row={**row, "subquestions": subqs}, role="solver")
+
+    def finish(self, row: dict[str, Any], c) -> dict[str, Any]:
+        """The output row for one completion (``error`` set: it goes to quarantine)."""
+        out = {**row, "subanswers": None, "prediction": None, "solver_raw_text": c.text, "solver": self.backend.name,
+               "solver_prompt_version": PROMPT_VERSION, "solver_prompt_tokens": c.prompt_tokens,
+               "solver_completion_tokens": c.completion_tokens, "solver_latency_s": c.latency_s,
+               "solver_cached": c.cached, "em": None, "f1": None, "correct": None, "parse_warning": None, "error": None}
+        if c.error:
+            out["error"] = f"solver error for request {row['request_id']}: {c.error}"
+            return out
+        dataset = row["dataset"]
+        if dataset not in METRIC_NAME:
+            out["error"] = f"request {row['request_id']}: unknown dataset {dataset!r}, cannot score"
+            return out
+        subanswers, marked = parse_solver_output(c.text)
+        prediction = extract_answer(c.text, dataset)
+        warnings = []
+        if prediction is None:
+            warnings.append("no final answer in solver output (scored wrong)")
+        elif marked is None:
+            warnings.append("no 'The answer is:' marker; used the last number in the solver output")
+        n_subqs = len(row["subquestions"] or [])
+        if len(subanswers) != n_subqs:
+            warnings.append(f"{len(subanswers)} subanswers for {n_subqs} subquestions")
+        s = score(dataset, prediction, list(row["answers"] or []), self.drop_f1_threshold)
+        out.update(subanswers=subanswers, prediction=prediction, em=float(s["em"]), f1=float(s["f1"]),
+                   correct=bool(s["correct"]), parse_warning="; ".join(warnings) or None)
+        return out
+
+    def process(self, rows):
+        good, bad, completions = [], [], []
+        todo = []
+        for r in rows:
+            if r.get("subquestions") is None:
+                bad.append({**r, "error": f"request {r.get('request_id')}: input row has no subquestions"})
+            else:
+                todo.append(r)
+        for i in range(0, len(todo), self.batch_size):
+            chunk = todo[i : i + self.batch_size]
+            outs = self.backend.generate([self.request(r) for r in chunk], self.params)
+            completions.extend(outs)
+            for row, c in zip(chunk, outs):
+                out = self.finish(row, c)
+                (bad if out["error"] else good).append(out)
+        return good, bad, {**usage_of(completions), **accuracy_counters(good, bad)}
+
+
+def accuracy_counters(good: list[dict], bad: list[dict]) -> dict[str, float]:
+    """Per-dataset counters for a shard's commit marker (summed over committed shards later)."""
+    agg: dict[str, float] = {}
+
+    def add(key: str, v: float) -> None:
+        agg[key] = agg.get(key, 0.0) + v
+
+    for r in good:
+        k = _score_keys(str(r["dataset"]))
+        add(k["n"], 1)
+        add(k["correct"], 1 if r["correct"] else 0)
+        add(k["em"], r["em"] or 0.0)
+        add(k["f1"], r["f1"] or 0.0)
+        add(k["no_answer"], 1 if r["prediction"] is None else 0)
+        add("parse_warnings", 1 if r["parse_warning"] else 0)
+    for r in bad:
+        add(_score_keys(str(r.get("dataset")))["quarantined"], 1)
+    return agg
+
+
+def accuracy_summary(totals: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """``{dataset: {n, correct, accuracy, em, f1, no_answer, quarantined}}`` plus ``"all"`` from shard totals."""
+    by: dict[str, dict[str, float]] = {}
+    for key, v in totals.items():
+        if key.startswith("acc.") and key.count(".") >= 2:
+            _, rest = key.split(".", 1)
+            dataset, name = rest.rsplit(".", 1)
+            by.setdefault(dataset, {})[name] = v
+    out: dict[str, dict[str, float]] = {}
+    names = ("n", "correct", "em", "f1", "no_answer", "quarantined")
+    all_ = {name: 0.0 for name in names}
+    for dataset in sorted(by):
+        d = {name: by[dataset].get(name, 0.0) for name in names}
+        for name in names:
+            all_[name] += d[name]
+        out[dataset] = _finish_summary(d)
+    if out:
+        out["all"] = _finish_summary(all_)
+    return out
+
+
+def _finish_summary(d: dict[str, float]) -> dict[str, float]:
+    n = d["n"]
+    return {"n": int(n), "correct": int(d["correct"]), "no_answer": int(d["no_answer"]),
+            "quarantined": int(d["quarantined"]),
+            "accuracy": round(d["correct"] / n, 6) if n else 0.0,
+            "em": round(d["em"] / n, 6) if n else 0.0,
+            "f1": round(d["f1"] / n, 6) if n else 0.0}
