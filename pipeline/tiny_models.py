@@ -103,3 +103,29 @@ def corpus_texts(rows: Iterable[dict]) -> list[str]:
         for key in ("answers", "gold_subquestions", "gold_subanswers"):
             out.extend(r.get(key) or [])
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.tiny_models --out DIR [--from PREPARED]``: build a tiny model offline."""
+    import argparse
+
+    from pipeline import tables
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tiny_models", description=main.__doc__)
+    parser.add_argument("--out", required=True, help="model directory to write")
+    parser.add_argument("--from", dest="source", default="runs/prepare", help="prepared questions to train the tokenizer on")
+    parser.add_argument("--arch", default="llama", choices=["llama", "gpt2"])
+    parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    args = parser.parse_args(argv)
+    build_tiny_model(args.out, corpus_texts(tables.iter_rows(args.source)), arch=args.arch, vocab_size=args.vocab_size,
+                     hidden_size=args.hidden_size, num_layers=args.layers)
+    print(f"tiny {args.arch} model written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
