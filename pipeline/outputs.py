@@ -22,12 +22,12 @@ class OutputConfig(Strict):
     shard_size: int = Field(64, ge=1, le=100_000, description="Rows per work unit (the redo window on a crash).")
 
 
-def filtered_rows(inp: InputConfig):
+def filtered_rows(inp: InputConfig, columns: Optional[list[str]] = None):
     """Input rows after the dataset/split filters and the limit."""
     from pipeline import tables
 
     n = 0
-    for row in tables.iter_rows(inp.path):
+    for row in tables.iter_rows(inp.path, columns=columns):
         if inp.datasets and row.get("dataset") not in inp.datasets:
             continue
         if inp.splits and row.get("split") not in inp.splits:

@@ -52,7 +52,7 @@ from pydantic import Field
 from pipeline import storage, tables
 from pipeline.config import Strict
 from pipeline.manifest import read_manifest
-from pipeline.outputs import InputConfig
+from pipeline.outputs import InputConfig, filtered_rows
 from pipeline.parsing import format_subquestions, parse_solver_output
 from pipeline.prompts import PROMPT_VERSION, decomposer_messages, solver_messages
 
@@ -238,19 +238,7 @@ def read_input(inp: InputConfig) -> tuple[Iterator[dict[str, Any]], list[str]]:
     """(rows after the dataset/split filters and limit, the columns read)."""
     columns = _input_columns(inp.path)
 
-    def rows() -> Iterator[dict[str, Any]]:
-        n = 0
-        for row in tables.iter_rows(inp.path, columns=columns):
-            if inp.datasets and row.get("dataset") not in inp.datasets:
-                continue
-            if inp.splits and row.get("split") not in inp.splits:
-                continue
-            yield row
-            n += 1
-            if inp.limit and n >= inp.limit:
-                return
-
-    return rows(), columns
+    return filtered_rows(inp, columns=columns), columns
 
 
 def lineage(path: str, max_depth: int = 6) -> list[dict[str, Any]]:
