@@ -83,6 +83,7 @@ class HFBackendConfig(Strict):
     batch_size: int = Field(8, ge=1)
     trust_remote_code: bool = False
     max_input_tokens: int = Field(2048, ge=16)
+    generation_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra model.generate() kwargs, e.g. {repetition_penalty: 1.2}.")
 
 
 class ReferenceBackendConfig(Strict):

@@ -48,7 +48,7 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
 
 class HFBackend(Backend):
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
-                 trust_remote_code: bool = False, max_input_tokens: int = 2048):
+                 trust_remote_code: bool = False, max_input_tokens: int = 2048, generation_kwargs: dict | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -59,8 +59,10 @@ class HFBackend(Backend):
         self.device = pick_device(device)
         self.batch_size = batch_size
         self.max_input_tokens = max_input_tokens
+        self.generation_kwargs = dict(generation_kwargs or {})
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         self.tokenizer.padding_side = "left"
+        self.tokenizer.truncation_side = "left"  # over-long prompts lose their oldest text, never the generation prompt
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(
@@ -79,7 +81,7 @@ class HFBackend(Backend):
         max_new = params.max_tokens
         if max_pos:
             max_new = max(1, min(max_new, max_pos - enc["input_ids"].shape[1]))
-        kwargs = dict(max_new_tokens=max_new, pad_token_id=self.tokenizer.pad_token_id)
+        kwargs = dict(max_new_tokens=max_new, pad_token_id=self.tokenizer.pad_token_id, **self.generation_kwargs)
         if params.temperature > 0:
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
             torch.manual_seed(params.seed + requests[0].sample_index)

@@ -1,0 +1,209 @@
+"""``ServeConfig``: the validated configuration of the Ray Serve application.
+
+Layout (see ``configs/serve.yaml``)::
+
+    ray:        RayConfig (address / num_cpus / runtime_env) for ``divconq serve``
+    http:       {host, port}                      Serve's HTTP proxy (default 127.0.0.1:8000)
+    app_name, route_prefix, blocking, auth_token_env
+    decomposer: the distilled student (a local HF model dir, hub name or s3:// dir)
+                + sampling defaults + deployment options
+    solver:     {backend: {type: hf, ...} | {type: openai, ...}} + sampling + deployment options
+    ingress:    deployment options of the FastAPI ingress
+    limits:     request size limits enforced by the ingress
+
+Deployment options (``decomposer``, ``solver``): ``max_batch_size`` and
+``batch_wait_timeout_s`` feed ``@serve.batch``; ``num_replicas`` *or* ``autoscaling``
+({min_replicas, max_replicas, target_ongoing_requests}); ``max_ongoing_requests``
+(default ``2 * max_batch_size``; it must be at least ``max_batch_size`` or a batch can
+never fill); ``ray_actor_options`` ({num_cpus, num_gpus, resources}).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import Field, model_validator
+
+from pipeline.config import HFBackendConfig, OpenAIBackendConfig, RayConfig, Strict
+
+__all__ = [
+    "ActorOptions",
+    "AutoscalingOptions",
+    "DecomposerConfig",
+    "HTTPConfig",
+    "IngressConfig",
+    "LimitsConfig",
+    "ServeConfig",
+    "ServeSamplingConfig",
+    "SolverBackendConfig",
+    "SolverConfig",
+]
+
+
+class HTTPConfig(Strict):
+    host: str = Field("127.0.0.1", description="Bind address of Serve's HTTP proxy (0.0.0.0 to listen on all interfaces).")
+    port: int = Field(8000, ge=1, le=65535)
+
+
+class ActorOptions(Strict):
+    """Per-replica Ray resources (``ray_actor_options``)."""
+
+    num_cpus: float = Field(0.5, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources, e.g. {decomposer: 1}.")
+
+    def to_ray(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.resources:
+            out["resources"] = dict(self.resources)
+        return out
+
+
+class AutoscalingOptions(Strict):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    initial_replicas: Optional[int] = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "AutoscalingOptions":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be >= min_replicas")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        return self
+
+    def to_ray(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class ServeSamplingConfig(Strict):
+    """Default sampling for a served model (chat requests may override per request)."""
+
+    max_tokens: int = Field(256, ge=1, le=32768)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int = 0
+    stop: list[str] = Field(default_factory=list)
+
+
+class _DeploymentOptions(Strict):
+    max_batch_size: int = Field(8, ge=1, description="@serve.batch max_batch_size: requests generated together.")
+    batch_wait_timeout_s: float = Field(0.05, ge=0.0, description="@serve.batch wait for a batch to fill.")
+    num_replicas: Optional[int] = Field(None, ge=1, description="Fixed replica count (default 1); exclusive with autoscaling.")
+    autoscaling: Optional[AutoscalingOptions] = None
+    max_ongoing_requests: Optional[int] = Field(None, ge=1, description="Per replica; default 2 * max_batch_size.")
+    ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
+
+    @model_validator(mode="after")
+    def _check_deployment(self) -> "_DeploymentOptions":
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("set either num_replicas or autoscaling, not both")
+        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                             f"({self.max_batch_size}), or a batch can never fill")
+        return self
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options``."""
+        opts: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests or 2 * self.max_batch_size,
+            "ray_actor_options": self.ray_actor_options.to_ray(),
+        }
+        if self.autoscaling is not None:
+            opts["autoscaling_config"] = self.autoscaling.to_ray()
+        else:
+            opts["num_replicas"] = self.num_replicas or 1
+        return opts
+
+
+class DecomposerConfig(_DeploymentOptions):
+    """The distilled decomposer student, served with the local Hugging Face backend."""
+
+    model: str = Field(..., min_length=1, description="Local HF model dir, hub name or s3:// dir (e.g. runs/train/export).")
+    served_name: str = Field("divconq-decomposer", min_length=1,
+                             description="Model id clients send in /v1/chat/completions and see in /v1/models.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    max_input_tokens: int = Field(2048, ge=16)
+    few_shot: bool = Field(False, description="Prompt with demos in /v1/solve (False: the student's own prompt).")
+    max_subquestions: int = Field(10, ge=1)
+    sampling: ServeSamplingConfig = Field(default_factory=lambda: ServeSamplingConfig(max_tokens=128))
+
+    def backend_config(self) -> HFBackendConfig:
+        # One Serve batch is one generate() call: the backend's chunk size is the batch size.
+        return HFBackendConfig(model=self.model, device=self.device, dtype=self.dtype, batch_size=self.max_batch_size,
+                               trust_remote_code=self.trust_remote_code, max_input_tokens=self.max_input_tokens)
+
+
+# A served solver must be a real model: local HF or an OpenAI-compatible endpoint (vLLM, OpenAI, ...).
+SolverBackendConfig = Annotated[Union[HFBackendConfig, OpenAIBackendConfig], Field(discriminator="type")]
+
+
+class SolverConfig(_DeploymentOptions):
+    backend: SolverBackendConfig
+    few_shot: bool = Field(True, description="Include the solver demonstration in its prompt.")
+    sampling: ServeSamplingConfig = Field(default_factory=ServeSamplingConfig)
+
+    def backend_config(self) -> Union[HFBackendConfig, OpenAIBackendConfig]:
+        if self.backend.type == "hf":
+            return self.backend.model_copy(update={"batch_size": self.max_batch_size})
+        return self.backend
+
+
+class IngressConfig(Strict):
+    num_replicas: int = Field(1, ge=1)
+    max_ongoing_requests: int = Field(256, ge=1, description="Concurrent HTTP requests per ingress replica.")
+    ray_actor_options: ActorOptions = Field(default_factory=lambda: ActorOptions(num_cpus=0.1))
+
+
+class LimitsConfig(Strict):
+    max_question_chars: int = Field(4000, ge=1)
+    max_context_chars: int = Field(20000, ge=0)
+    max_tokens: int = Field(1024, ge=1, description="Cap on max_tokens a chat request may ask for.")
+    max_messages: int = Field(64, ge=1)
+    max_message_chars: int = Field(32000, ge=1, description="Total characters over all chat messages.")
+    max_stop: int = Field(8, ge=0, description="Stop sequences per chat request.")
+    max_body_bytes: int = Field(1 << 20, ge=256, description="Larger request bodies get 413.")
+
+
+class ServeConfig(Strict):
+    ray: RayConfig = Field(default_factory=RayConfig)
+    http: HTTPConfig = Field(default_factory=HTTPConfig)
+    app_name: str = Field("divconq", min_length=1)
+    route_prefix: str = "/"
+    blocking: bool = Field(True, description="divconq serve: block until Ctrl-C/SIGTERM (false: deploy and return).")
+    auth_token_env: Optional[str] = Field(
+        None, description="Name of an env var holding a bearer token; when set and present in the ingress "
+                          "replica's environment, every route but /healthz needs 'Authorization: Bearer <token>'.")
+    decomposer: DecomposerConfig
+    solver: SolverConfig
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeConfig":
+        if not self.route_prefix.startswith("/"):
+            raise ValueError("route_prefix must start with '/'")
+        if self.route_prefix != "/" and self.route_prefix.endswith("/"):
+            raise ValueError("route_prefix must not end with '/'")
+        if self.decomposer.sampling.max_tokens > self.limits.max_tokens:
+            raise ValueError("decomposer.sampling.max_tokens exceeds limits.max_tokens")
+        return self
+
+    def base_url(self) -> str:
+        """``http://host:port[/prefix]`` clients should use (wildcard hosts become 127.0.0.1)."""
+        host = self.http.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        prefix = "" if self.route_prefix == "/" else self.route_prefix
+        return f"http://{host}:{self.http.port}{prefix}"
+
+
+def project_root() -> str:
+    """The directory holding ``pipeline/`` (the repository root for a source checkout)."""
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
