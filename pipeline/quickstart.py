@@ -44,7 +44,7 @@ class Plan:
     def of(cls, small: bool) -> "Plan":
         if small:
             return cls(train_questions=160, test_questions=16, samples_per_question=2, train_steps=30, variants=("decomposer_correct",))
-        return cls(train_questions=1000, test_questions=100, samples_per_question=2, train_steps=300,
+        return cls(train_questions=1000, test_questions=100, samples_per_question=2, train_steps=400,
                    variants=("decomposer_all", "decomposer_correct"))
 
 
@@ -87,8 +87,8 @@ def run(out: str, small: bool = False, port: int = 8000) -> str:
         _step(f"train {STUDENT_NAME[variant]}", lambda v=variant: train.main([
             "--config", cfg_path("train"), f"data.train_path={p('select', v, 'train')}",
             f"data.validation_path={p('select', v, 'validation')}", f"output.dir={p('train', v, 'model')}",
-            f"output.checkpoint_dir={p('train', 'checkpoints')}", f"output.run_name={v}", f"schedule.max_steps={plan.train_steps}",
-            f"schedule.epochs={max(3, plan.train_steps // 40)}"]), timings)
+            f"output.checkpoint_dir={p('train', 'checkpoints')}", f"output.run_name={v}",
+            f"schedule.max_steps={plan.train_steps}"]), timings)
     student = p("train", "decomposer_correct", "model")
     base_model = p("train", "checkpoints", "decomposer_correct-base_model")
 
