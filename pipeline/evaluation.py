@@ -109,12 +109,12 @@ def _fmt(v: Any, pct: bool = False) -> str:
 
 
 def render_report(results: dict[str, Any], plots: list[str]) -> str:
-    lines = [f"# {results['title']}", "", "| dataset | setting | metric | score | n | ROUGE-L vs gold | parse rate | "
+    lines = [f"# {results['title']}", "", "| dataset | setting | metric | score | n | ROUGE-L vs gold | count match | parse rate | "
              "decomposer tok/q | solver tok/q | calls/q | decomposer token share | cost/q |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in results["table"]:
         lines.append(f"| {s['dataset']} | {s['setting']} | {s['metric']} | {_fmt(s['score'], True)} | {s['n']} | "
-                     f"{_fmt(s['rouge_l'], True)} | {_fmt(s['parse_rate'], True)} | {_fmt(s['decomposer_tokens_per_q'])} | "
+                     f"{_fmt(s['rouge_l'], True)} | {_fmt(s['count_match'], True)} | {_fmt(s['parse_rate'], True)} | {_fmt(s['decomposer_tokens_per_q'])} | "
                      f"{_fmt(s['solver_tokens_per_q'])} | {_fmt(s['calls_per_q'])} | {_fmt(s['decomposer_token_share'], True)} | "
                      f"{s['cost_per_q']:.5f} |")
     lines += ["", "Scores and shares are percentages. Tokens are as counted by each backend (the offline reference "
@@ -142,7 +142,8 @@ def write_plots(results: dict[str, Any], out: str) -> list[str]:
     datasets = sorted({s["dataset"] for s in table})
     settings = list(dict.fromkeys(s["setting"] for s in table))
     names = []
-    for kind in ("metric", "tokens"):
+    kinds = ["metric", "tokens"] + (["quality"] if any(s.get("rouge_l") is not None for s in table) else [])
+    for kind in kinds:
         fig, axes = plt.subplots(1, len(datasets), figsize=(max(6, 4.5 * len(datasets)), 4.2), squeeze=False)
         for ax, ds in zip(axes[0], datasets):
             rows = [next((s for s in table if s["dataset"] == ds and s["setting"] == st), None) for st in settings]
@@ -153,6 +154,13 @@ def write_plots(results: dict[str, Any], out: str) -> list[str]:
                 ax.bar(x, [100 * (r["score"] or 0) for r in rows], color="#4C72B0")
                 ax.set_ylabel(f"{rows[0]['metric']} (%)")
                 ax.set_ylim(0, 100)
+            elif kind == "quality":
+                w = 0.4
+                ax.bar([i - w / 2 for i in x], [100 * (r["rouge_l"] or 0) for r in rows], w, label="ROUGE-L vs gold", color="#8172B3")
+                ax.bar([i + w / 2 for i in x], [100 * (r["count_match"] or 0) for r in rows], w, label="subquestion count match", color="#64B5CD")
+                ax.set_ylabel("decomposition quality (%)")
+                ax.set_ylim(0, 100)
+                ax.legend(fontsize=8)
             else:
                 dec = [r["decomposer_tokens_per_q"] for r in rows]
                 ax.bar(x, dec, label="decomposer", color="#DD8452")

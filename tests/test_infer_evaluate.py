@@ -97,7 +97,7 @@ def test_evaluate_on_fixed_predictions_gives_expected_table(tmp_path):
     assert table["gsm8k"]["cost_per_q"] == pytest.approx((10 + 10 + 30 + 30) / 1000)
     assert table["gsm8k"]["decomposer_cost_share"] == pytest.approx(0.25)
     report = open(os.path.join(out, "report.md")).read()
-    assert "| gsm8k | fixed | exact_match | 75.0 | 4 |" in report and "| drop | fixed | f1 | 75.0 | 2 |" in report
+    assert "| gsm8k | fixed | exact_match | 75.0 | 4 | – | – | 100.0 |" in report and "| drop | fixed | f1 | 75.0 | 2 |" in report
     assert os.path.getsize(os.path.join(out, "metric.png")) > 1000 and os.path.getsize(os.path.join(out, "tokens.png")) > 1000
     assert json.load(open(os.path.join(out, "results.json")))["settings"][0]["lineage"]["rows"] == 6
 
