@@ -58,9 +58,10 @@ def init_ray(cfg: RayConfig) -> None:
 def run_main(fn: Callable[[], int | None]) -> int:
     """Run a job body, turning expected user errors into a one-line message and exit 1."""
     from pipeline.backends.base import BackendUnavailable
+    from pipeline.sharded import ShardFailed
 
     try:
         return fn() or 0
-    except (ConfigError, BackendUnavailable, FileNotFoundError, ValueError) as e:
+    except (ConfigError, BackendUnavailable, ShardFailed, FileNotFoundError, ValueError) as e:
         log.error("%s: %s", type(e).__name__, e)
         return 1

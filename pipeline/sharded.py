@@ -38,6 +38,10 @@ from pipeline.config import ActorPoolConfig
 log = logging.getLogger(__name__)
 
 
+class ShardFailed(RuntimeError):
+    """A shard could not be processed for a reason that stops the job (storage unreachable, ...)."""
+
+
 class OutputMismatch(ValueError):
     """The output directory holds a different job's work (set output.overwrite=true or pick a new dir)."""
 
@@ -129,8 +133,15 @@ class ShardWorker:
         return stats
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        results = [self.run_shard(str(s)) for s in batch["shard"]]
-        return {"stats": [json.dumps(r) for r in results]}
+        from pipeline.backends.base import BackendUnavailable
+
+        out = []
+        for s in batch["shard"]:
+            try:
+                out.append(json.dumps(self.run_shard(str(s))))
+            except (BackendUnavailable, OSError) as e:  # fatal for the job: report it, the driver stops
+                out.append(json.dumps({"shard": str(s), "fatal": str(e), "type": type(e).__name__}))
+        return {"stats": out}
 
 
 def run_shards(
@@ -157,19 +168,23 @@ def run_shards(
     if todo:
         ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(
-            worker_cls,
-            fn_constructor_kwargs={"out_dir": layout.root, **worker_kwargs},
+            _with_secrets(worker_cls),
+            fn_constructor_kwargs={"out_dir": layout.root, **worker_kwargs, "_secrets": _secret_values(secret_env)},
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(min_size=min(pool.min_actors, pool.max_actors), max_size=pool.max_actors),
             num_cpus=pool.num_cpus,
             num_gpus=pool.num_gpus or None,
             resources=pool.resources or None,
-            runtime_env=_secret_runtime_env(secret_env),
             **_restart_args(pool),
         )
         started, n, rows, tokens = time.perf_counter(), 0, 0, 0.0
         for item in ds.iter_rows():
             stats = json.loads(item["stats"])
+            if "fatal" in stats:
+                from pipeline.backends.base import BackendUnavailable
+
+                err = BackendUnavailable if stats["type"] == "BackendUnavailable" else ShardFailed
+                raise err(f"{stats['fatal']} (shard {stats['shard']}; committed shards are kept, rerun to resume)")
             n += 1
             rows += stats["rows_in"]
             tokens += stats.get("prompt_tokens", 0) + stats.get("completion_tokens", 0)
@@ -186,11 +201,25 @@ def _restart_args(pool: ActorPoolConfig) -> dict[str, Any]:
     return {"ray_remote_args_fn": lambda: dict(args)} if args else {}
 
 
-def _secret_runtime_env(names: Optional[list[str]]) -> Optional[dict[str, Any]]:
+def _secret_values(names: Optional[list[str]]) -> dict[str, str]:
     import os
 
-    env = {n: os.environ[n] for n in (names or []) if n and os.environ.get(n)}
-    return {"env_vars": env} if env else None
+    return {n: os.environ[n] for n in (names or []) if n and os.environ.get(n)}
+
+
+def _with_secrets(worker_cls: type) -> type:
+    """``worker_cls`` taking a ``_secrets`` constructor argument that it puts into its own environment
+    first (constructor arguments are never logged, unlike a runtime_env)."""
+
+    class _Worker(worker_cls):  # type: ignore[misc, valid-type]
+        def __init__(self, _secrets: Optional[dict[str, str]] = None, **kwargs: Any) -> None:
+            import os
+
+            os.environ.update(_secrets or {})
+            super().__init__(**kwargs)
+
+    _Worker.__name__ = _Worker.__qualname__ = worker_cls.__name__
+    return _Worker
 
 
 def totals(layout: Layout, shards: list[str]) -> dict[str, Any]:

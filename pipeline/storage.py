@@ -30,6 +30,7 @@ def _s3_filesystem() -> pafs.S3FileSystem:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=int(os.environ.get("DIVCONQ_S3_MAX_ATTEMPTS", "10")))
     return pafs.S3FileSystem(**kwargs)
 
 

@@ -26,19 +26,23 @@ from training.config import TrainConfig
 def prepare_base_model(cfg: TrainConfig) -> str:
     """The base model every worker loads: a hub name / dir / s3:// dir, or a tiny one built here
     (stored next to the checkpoints so that workers on any node, and resumed runs, use the same one)."""
+    dest = storage.join(cfg.output.checkpoint_dir, f"{cfg.output.run_name}-base_model")
     if not cfg.model.build_tiny:
         name = cfg.model.name_or_path
         if storage.is_s3(name):
             return name
         if os.path.isdir(os.path.expanduser(name)):
             return os.path.abspath(os.path.expanduser(name))
-        from huggingface_hub import snapshot_download  # hub name: fetch once on the driver
+        if storage.exists(storage.join(dest, "config.json")):
+            return dest
+        from huggingface_hub import snapshot_download  # hub name: fetch once on the driver, then put it
 
-        return snapshot_download(name)
+        # in the run's storage, which every node (and a resumed run) can read; a driver-local cache is not
+        storage.copy_dir(snapshot_download(name), dest)
+        return dest
     from pipeline.tiny_models import build_tiny_model
     from training.sft_data import corpus_from_rows, read_rows
 
-    dest = storage.join(cfg.output.checkpoint_dir, f"{cfg.output.run_name}-base_model")
     if storage.exists(storage.join(dest, "config.json")):
         return dest
     t = cfg.model.tiny

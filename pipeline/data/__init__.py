@@ -37,7 +37,17 @@ def load_source(src: SourceConfig) -> Iterator[Question | Rejected]:
     resolve_format(src)
     check_file(src.path)
     loader: Callable[[SourceConfig], Iterator[Question | Rejected]] = _MODULES[src.dataset].load
-    return take_good(loader(src), src.limit)
+    return take_good(_guard(loader(src), src), src.limit)
+
+
+def _guard(rows: Iterator[Question | Rejected], src: SourceConfig) -> Iterator[Question | Rejected]:
+    """A file that cannot be read to the end (bad or truncated compression, bad encoding) becomes one
+    quarantined row naming it and why; the rows read before the damage are kept."""
+    try:
+        yield from rows
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        yield Rejected(source=src.path, location="file", raw="",
+                       error=f"unreadable file (rows before this point were kept): {type(e).__name__}: {e}")
 
 
 def load_questions(src: SourceConfig) -> tuple[list[Question], list[Rejected]]:

@@ -1,0 +1,1 @@
+"""Hand-run benchmarks (``python -m benchmarks.<name>``); see benchmarks/README.md. Never timed tests."""
