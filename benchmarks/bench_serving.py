@@ -20,7 +20,7 @@ from typing import Any, Optional
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, measure  # noqa: E402
 
 NAME = "bench_serving"
 SERVED = "bench-decomposer"
@@ -80,8 +80,8 @@ async def load_test(base: str, prompts: list[str], clients: int, per_client: int
         wall = time.perf_counter() - t0
     n = len(latencies)
     return {"requests": n, "errors": errors, "wall_s": wall, "requests_per_s": n / wall, "tokens_per_s": tokens / wall,
-            "completion_tokens": tokens, "p50_s": common.percentile(latencies, 50), "p90_s": common.percentile(latencies, 90),
-            "p99_s": common.percentile(latencies, 99), "mean_s": sum(latencies) / max(n, 1)}
+            "completion_tokens": tokens, "p50_s": measure.percentile(latencies, 50), "p90_s": measure.percentile(latencies, 90),
+            "p99_s": measure.percentile(latencies, 99), "mean_s": sum(latencies) / max(n, 1)}
 
 
 def run_config(model_dir: str, port: int, max_batch_size: int, wait_s: float, prompts: list[str], clients: int,

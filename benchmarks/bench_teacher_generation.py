@@ -23,7 +23,7 @@ from typing import Any, Optional
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, measure  # noqa: E402
 
 NAME = "bench_teacher_generation"
 
@@ -103,7 +103,7 @@ def run_generate_job(stub, prepared: str, out_dir: str, *, actors: int, concurre
     common.quiet_ray_data()
     t0m = time.monotonic()
     t0 = time.perf_counter()
-    with common.TreeCPU() as cpu:
+    with measure.TreeCPU() as cpu:
         rc = generate.main(argv)
     wall = time.perf_counter() - t0
     if rc:
@@ -121,7 +121,7 @@ def run_generate_job(stub, prepared: str, out_dir: str, *, actors: int, concurre
         "e2e_rows_per_s": counts["rows_in"] / wall,
         "cpu_s_all_processes": cpu.cpu_s,
         "cpu_ms_per_request_e2e": 1000 * cpu.cpu_s / max(counts["rows_in"], 1),
-        "steady_rows_per_s_arrivals": common.steady_rate(times),
+        "steady_rows_per_s_arrivals": measure.steady_rate(times),
         "first_request_after_s": (min(times) - t0m) if times else None,
         "after_last_request_s": (t0m + wall - max(times)) if times else None,
         **commit_stats(out_dir, actors),

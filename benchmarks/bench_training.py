@@ -20,7 +20,7 @@ from typing import Any, Optional
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, measure  # noqa: E402
 
 NAME = "bench_training"
 
@@ -146,7 +146,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     data_dir = write_sft_data(prepared, os.path.join(work, "sft"))
     common.shutdown_ray()
 
-    peak = {"1_thread": common.matmul_peak_gflops(threads=1), f"{ncpu}_threads": common.matmul_peak_gflops(threads=ncpu)}
+    peak = {"1_thread": measure.matmul_peak_gflops(threads=1), f"{ncpu}_threads": measure.matmul_peak_gflops(threads=ncpu)}
     print(f"fp32 matmul peak: {peak}", flush=True)
     plain = [plain_loop(model_dir, data_dir, steps=steps, mbs=mbs, max_length=max_length, lr=lr, threads=t)
              for t in sorted({1, ncpu})]
@@ -162,7 +162,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"train job, {w} worker(s): {jobs[-1]['tokens_per_s']:.0f} tokens/s in the loop", flush=True)
     finally:
         ray.shutdown()
-    peak_after = {"1_thread": common.matmul_peak_gflops(threads=1), f"{ncpu}_threads": common.matmul_peak_gflops(threads=ncpu)}
+    peak_after = {"1_thread": measure.matmul_peak_gflops(threads=1), f"{ncpu}_threads": measure.matmul_peak_gflops(threads=ncpu)}
     peak_best = {k: max(peak[k], peak_after[k]) for k in peak}
     per_core = peak_best["1_thread"]  # the cleanest figure on a shared machine: it needs one free core, not all
 

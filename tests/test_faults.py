@@ -1,6 +1,6 @@
 """Faults during real jobs, each ending with nothing lost and nothing duplicated.
 
-On a simulated two-teacher-node cluster (tests/test_cluster.py's SimCluster: head {CPU: 1}, two
+On a simulated two-teacher-node cluster (tests/cluster_harness.py's SimCluster: head {CPU: 1}, two
 nodes {CPU: 2, teacher: 1}, its own S3 server), `generate` runs as its own driver process against a
 slow OpenAI-compatible stub while we: remove a node; SIGKILL a generation actor; take the teacher
 endpoint down for seconds, then for good; restart the S3 server. Then corrupt inputs: a garbage
@@ -27,7 +27,7 @@ import uuid
 import pytest
 
 from tests.servers.openai_stub import OpenAIStubServer
-from tests.test_cluster import (
+from tests.cluster_harness import (
     GENERATE_YAML,
     REPO,
     SimCluster,

@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from tests.servers.openai_stub import OpenAIStubServer
-from tests.test_cluster import (
+from tests.cluster_harness import (
     GENERATE_YAML,
     REPO,
     SimCluster,
