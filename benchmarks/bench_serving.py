@@ -122,7 +122,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     rep = common.Report(NAME, args, "Serving: Ray Serve dynamic batching vs batch size 1")
     per_client = 4 if rep.quick else 12
-    # (max_batch_size, max_ongoing_requests or None for the config default 2 * max_batch_size)
+    # (max_batch_size, max_ongoing_requests or None for 2 * max_batch_size)
     configs = [(1, None), (1, 2 * args.clients), (8, None)] + ([] if rep.quick else [(16, None)])
 
     from pipeline import tables
@@ -170,11 +170,11 @@ Setup: {args.clients} concurrent clients (httpx, keep-alive) on 127.0.0.1, each 
 warm-up request each (not measured); `POST /v1/chat/completions`, one user message (a GSM8K test question), max_tokens
 {args.max_tokens}, temperature 0. Models: `build_tiny_model` Llama (hidden {args.hidden}, {args.layers} layers, random weights, so
 almost every request generates exactly {args.max_tokens} tokens). One decomposer replica with 1 CPU (1 torch thread),
-`max_ongoing_requests` = 2 × max_batch_size (the config default) unless stated; the app is started once per configuration
+`max_ongoing_requests` = 2 × max_batch_size unless stated; the app is started once per configuration
 (`pipeline.serving.start`) on a local Ray with 4 logical CPUs (Ray start {ray_start:.1f} s), and deleted afterwards.
 *mean batch run* is from the decomposer's `/v1/stats` batch-size histogram over the measured requests.
 
-Two no-batching baselines: with the config default max_ongoing_requests = 2 the queue of waiting requests sits in the
+Two no-batching baselines: with max_ongoing_requests = 2 (2 × max_batch_size; this result is why the config default is now at least 16) the queue of waiting requests sits in the
 ingress's router, which re-tries a full replica with exponential backoff (Ray Serve's defaults: 25 ms doubling up to 0.5 s),
 leaving the replica idle between requests
 ({default1['requests_per_s']:.1f} requests/s); with max_ongoing_requests = {2 * args.clients} the queue sits in the replica and it

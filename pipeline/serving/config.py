@@ -14,7 +14,8 @@ Layout (see ``configs/serve.yaml``)::
 Deployment options (``decomposer``, ``solver``): ``max_batch_size`` and
 ``batch_wait_timeout_s`` feed ``@serve.batch``; ``num_replicas`` *or* ``autoscaling``
 ({min_replicas, max_replicas, target_ongoing_requests}); ``max_ongoing_requests``
-(default ``2 * max_batch_size``; it must be at least ``max_batch_size`` or a batch can
+(default ``max(2 * max_batch_size, 16)``: with fewer, waiting requests back off in the router instead of
+queueing in the replica; it must be at least ``max_batch_size`` or a batch can
 never fill); ``ray_actor_options`` ({num_cpus, num_gpus, resources}).
 """
 
@@ -93,7 +94,7 @@ class _DeploymentOptions(Strict):
     batch_wait_timeout_s: float = Field(0.05, ge=0.0, description="@serve.batch wait for a batch to fill.")
     num_replicas: Optional[int] = Field(None, ge=1, description="Fixed replica count (default 1); exclusive with autoscaling.")
     autoscaling: Optional[AutoscalingOptions] = None
-    max_ongoing_requests: Optional[int] = Field(None, ge=1, description="Per replica; default 2 * max_batch_size.")
+    max_ongoing_requests: Optional[int] = Field(None, ge=1, description="Per replica; default max(2 * max_batch_size, 16).")
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
 
     @model_validator(mode="after")
@@ -108,7 +109,7 @@ class _DeploymentOptions(Strict):
     def deployment_options(self) -> dict[str, Any]:
         """Keyword arguments for ``Deployment.options``."""
         opts: dict[str, Any] = {
-            "max_ongoing_requests": self.max_ongoing_requests or 2 * self.max_batch_size,
+            "max_ongoing_requests": self.max_ongoing_requests or max(2 * self.max_batch_size, 16),
             "ray_actor_options": self.ray_actor_options.to_ray(),
         }
         if self.autoscaling is not None:
