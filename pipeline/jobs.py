@@ -51,8 +51,18 @@ def init_ray(cfg: RayConfig) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), **kwargs)
+        return
+    if not cfg.include_dashboard:
+        env = dict(kwargs.get("runtime_env") or {})
+        env.setdefault("worker_process_setup_hook", "pipeline.jobs.quiet_without_dashboard")
+        kwargs["runtime_env"] = env
+    ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), **kwargs)
+
+
+def quiet_without_dashboard() -> None:
+    """Worker setup hook for local Ray without a dashboard: Ray Train's placement-group cleaner polls the
+    state API (served by the dashboard) every few seconds and would log a warning each time it is absent."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def run_main(fn: Callable[[], int | None]) -> int:
