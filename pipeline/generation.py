@@ -15,8 +15,8 @@ import pyarrow as pa
 from pydantic import Field, TypeAdapter
 
 from pipeline.backends import Request, SamplingParams, make_backend
-from pipeline.config import ActorPoolConfig, BackendConfig, PricingConfig, RayConfig, SamplingConfig, Strict
-from pipeline.outputs import InputConfig, OutputConfig
+from pipeline.config import BackendConfig, SamplingConfig
+from pipeline.outputs import ShardedJobConfig
 from pipeline.parsing import ParseError, parse_subquestions
 from pipeline.prompts import PROMPT_VERSION, decomposer_messages
 from pipeline.schema import QUESTION_SCHEMA
@@ -52,17 +52,11 @@ GENERATE_SCHEMA = pa.schema(
 )
 
 
-class GenerateConfig(Strict):
-    ray: RayConfig = Field(default_factory=RayConfig)
-    input: InputConfig
-    output: OutputConfig
+class GenerateConfig(ShardedJobConfig):
     teacher: BackendConfig
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    pool: ActorPoolConfig = Field(default_factory=ActorPoolConfig)
     few_shot: bool = Field(True, description="Include the worked demonstrations in the teacher prompt.")
     max_subquestions: int = Field(10, ge=1)
-    cache_dir: Optional[str] = Field(None, description="Response cache (local or s3://); None disables it.")
-    pricing: PricingConfig = Field(default_factory=PricingConfig)
 
 
 def expand_samples(rows, n: int):

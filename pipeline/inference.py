@@ -25,8 +25,8 @@ from pydantic import Field, TypeAdapter
 
 from pipeline import metrics, prompts
 from pipeline.backends import Request, SamplingParams, make_backend
-from pipeline.config import ActorPoolConfig, BackendConfig, PricingConfig, RayConfig, SamplingConfig, Strict
-from pipeline.outputs import InputConfig, OutputConfig
+from pipeline.config import BackendConfig, SamplingConfig
+from pipeline.outputs import ShardedJobConfig
 from pipeline.parsing import ParseError, extract_answer, parse_dynamic_step, parse_solver_output, parse_subquestions
 from pipeline.schema import QUESTION_SCHEMA
 from pipeline.sharded import ShardWorker
@@ -68,10 +68,7 @@ INFER_SCHEMA = pa.schema(
 )
 
 
-class InferConfig(Strict):
-    ray: RayConfig = Field(default_factory=RayConfig)
-    input: InputConfig
-    output: OutputConfig
+class InferConfig(ShardedJobConfig):
     setting: str = Field(..., description="Label of this system in reports, e.g. 'student S_D-R + teacher solver'.")
     mode: Mode = "static"
     decomposer: Optional[BackendConfig] = Field(None, description="Required for static and dynamic modes.")
@@ -82,9 +79,6 @@ class InferConfig(Strict):
     solver_few_shot: bool = True
     max_dynamic_steps: int = Field(6, ge=1)
     drop_f1_threshold: float = Field(0.5, ge=0.0, le=1.0)
-    pool: ActorPoolConfig = Field(default_factory=ActorPoolConfig)
-    cache_dir: Optional[str] = None
-    pricing: PricingConfig = Field(default_factory=PricingConfig)
 
 
 class _Tally:

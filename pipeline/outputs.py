@@ -1,4 +1,4 @@
-"""Config sections for job inputs/outputs shared by the sharded jobs."""
+"""Config sections shared by the sharded jobs (generate, solve, infer): input, output, and their common base."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Optional
 
 from pydantic import Field
 
-from pipeline.config import Strict
+from pipeline.config import ActorPoolConfig, PricingConfig, RayConfig, Strict
 
 
 class InputConfig(Strict):
@@ -20,6 +20,17 @@ class OutputConfig(Strict):
     dir: str = Field(..., description="Output directory (local or s3://).")
     overwrite: bool = Field(False, description="Delete an existing output first instead of resuming it.")
     shard_size: int = Field(64, ge=1, le=100_000, description="Rows per work unit (the redo window on a crash).")
+
+
+class ShardedJobConfig(Strict):
+    """What every job run over shards by an actor pool has; each job adds its backends and options."""
+
+    ray: RayConfig = Field(default_factory=RayConfig)
+    input: InputConfig
+    output: OutputConfig
+    pool: ActorPoolConfig = Field(default_factory=ActorPoolConfig)
+    cache_dir: Optional[str] = Field(None, description="Response cache (local or s3://); None disables it.")
+    pricing: PricingConfig = Field(default_factory=PricingConfig)
 
 
 def filtered_rows(inp: InputConfig, columns: Optional[list[str]] = None):

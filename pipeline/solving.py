@@ -32,10 +32,10 @@ import pyarrow as pa
 from pydantic import Field, TypeAdapter, field_validator
 
 from pipeline.backends import Request, SamplingParams, make_backend
-from pipeline.config import ActorPoolConfig, BackendConfig, PricingConfig, RayConfig, SamplingConfig, Strict
+from pipeline.config import BackendConfig, SamplingConfig
 from pipeline.generation import GENERATE_SCHEMA, usage_of
 from pipeline.metrics import METRIC_NAME, score
-from pipeline.outputs import InputConfig, OutputConfig
+from pipeline.outputs import ShardedJobConfig
 from pipeline.parsing import extract_answer, parse_solver_output
 from pipeline.prompts import PROMPT_VERSION, solver_messages
 from pipeline.sharded import ShardWorker
@@ -74,16 +74,10 @@ def solve_schema(input_schema: pa.Schema = GENERATE_SCHEMA) -> pa.Schema:
 SOLVE_SCHEMA = solve_schema(GENERATE_SCHEMA)
 
 
-class SolveConfig(Strict):
-    ray: RayConfig = Field(default_factory=RayConfig)
-    input: InputConfig
-    output: OutputConfig
+class SolveConfig(ShardedJobConfig):
     solver: BackendConfig
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    pool: ActorPoolConfig = Field(default_factory=ActorPoolConfig)
     few_shot: bool = Field(True, description="Include the worked demonstration in the solver prompt.")
-    cache_dir: Optional[str] = Field(None, description="Response cache (local or s3://); None disables it.")
-    pricing: PricingConfig = Field(default_factory=PricingConfig)
     drop_f1_threshold: float = Field(0.5, ge=0.0, le=1.0, description="DROP: a prediction is correct when F1 >= this.")
 
     @field_validator("sampling")
