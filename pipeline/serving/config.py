@@ -100,7 +100,7 @@ class _DeploymentOptions(Strict):
     @model_validator(mode="after")
     def _check_deployment(self) -> "_DeploymentOptions":
         if self.num_replicas is not None and self.autoscaling is not None:
-            raise ValueError("set either num_replicas or autoscaling, not both")
+            raise ValueError("set either num_replicas or autoscaling, not both (num_replicas=null drops a fixed count)")
         if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
                              f"({self.max_batch_size}), or a batch can never fill")
