@@ -157,9 +157,9 @@ def run_shards(
     """Run every pending shard on an actor pool; returns totals over *all* committed shards.
 
     ``secret_env`` names environment variables (API keys) to hand from this driver to the
-    actors through Ray's ``runtime_env`` when they are set here, so a key exported where
-    the job's driver runs reaches every actor without ever being written to a config,
-    an output or a log.
+    actors as a constructor argument when they are set here (never a ``runtime_env``: Ray's
+    runtime-env agent logs those verbatim), so a key exported where the job's driver runs
+    reaches every actor without ever being written to a config, an output or a log.
     """
     import ray
 
