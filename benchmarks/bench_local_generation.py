@@ -37,14 +37,7 @@ def run_job(prepared: str, model: str, out_dir: str, *, batch: int, questions: i
         "sampling.n=1", "sampling.temperature=0.0", f"sampling.max_tokens={max_tokens}", "few_shot=false",
         f"pool.min_actors={actors}", f"pool.max_actors={actors}", "pool.num_cpus=1", f"pool.batch_size={shard_size}",
     ]
-    common.quiet_ray_data()
-    t0 = time.perf_counter()
-    rc = generate.main(argv)
-    wall = time.perf_counter() - t0
-    if rc:
-        raise RuntimeError(f"generate exited {rc}")
-    with open(os.path.join(out_dir, "manifest.json")) as f:
-        manifest = json.load(f)
+    wall, manifest = common.run_job(generate.main, argv, out_dir)
     shards = []
     for path in glob.glob(os.path.join(out_dir, "_done", "*.json")):
         with open(path) as f:

@@ -100,16 +100,9 @@ def run_generate_job(stub, prepared: str, out_dir: str, *, actors: int, concurre
     argv = generate_argv(prepared, out_dir, stub.base_url, actors=actors, concurrency=concurrency, limit=limit, n=n,
                          shard_size=shard_size, batch_size=batch_size, cpus_per_actor=cpus_per_actor,
                          ray_num_cpus=None if ray_address else ray_num_cpus, ray_address=ray_address, resources=resources)
-    common.quiet_ray_data()
     t0m = time.monotonic()
-    t0 = time.perf_counter()
     with measure.TreeCPU() as cpu:
-        rc = generate.main(argv)
-    wall = time.perf_counter() - t0
-    if rc:
-        raise RuntimeError(f"generate exited {rc}")
-    with open(os.path.join(out_dir, "manifest.json")) as f:
-        manifest = json.load(f)
+        wall, manifest = common.run_job(generate.main, argv, out_dir)
     counts = manifest["counts"]
     times = list(stub.request_times)
     requests = len(times)

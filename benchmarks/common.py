@@ -241,6 +241,18 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
+def run_job(main, argv: list[str], out_dir: str) -> tuple[float, dict[str, Any]]:
+    """Run a job's ``main(argv)`` in this process: its wall time and the manifest it wrote to ``out_dir``."""
+    quiet_ray_data()
+    t0 = time.perf_counter()
+    rc = main(argv)
+    wall = time.perf_counter() - t0
+    if rc:
+        raise RuntimeError(f"{getattr(main, '__module__', 'job')} exited {rc}")
+    with open(os.path.join(out_dir, "manifest.json")) as f:
+        return wall, json.load(f)
+
+
 def start_local_ray(num_cpus: int) -> float:
     """Start a local Ray like ``pipeline.jobs.init_ray`` does (no dashboard), but without forwarding
     worker logs to this terminal; returns the start-up time in seconds."""
