@@ -379,43 +379,6 @@ def openai_teacher(base_url: str, **extra: Any) -> str:
     return "teacher=" + json.dumps(fields)
 
 
-
-def _train_probe(out_dir: str) -> None:
-    """Child process: a Ray Train TorchTrainer scaled exactly as ray_jobs/train.py scales it (from
-    configs/train.yaml + overrides); every worker joins a gloo all-reduce and records its node."""
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from pipeline.config import load_config
-    from training.config import TrainConfig
-
-    cfg = load_config(TrainConfig, os.path.join(REPO, "configs", "train.yaml"),
-                      ["scaling.num_workers=2", "scaling.resources_per_worker={trainer: 1}"])
-    ray.init(address=os.environ["RAY_ADDRESS"])
-
-    def loop(config: dict) -> None:
-        import torch
-        import torch.distributed as dist
-
-        ctx = ray.train.get_context()
-        t = torch.ones(1)
-        dist.all_reduce(t)
-        with open(os.path.join(config["out"], f"rank{ctx.get_world_rank()}.json"), "w") as f:
-            json.dump({"node": ray.get_runtime_context().get_node_id(), "world": ctx.get_world_size(), "sum": t.item()}, f)
-
-    TorchTrainer(
-        loop,
-        train_loop_config={"out": out_dir},
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}),
-        torch_config=TorchConfig(backend="gloo"),
-        run_config=RunConfig(name="placement-probe", storage_path=out_dir),
-    ).fit()
-
-
 if __name__ == "__main__" and len(sys.argv) >= 3:
     if sys.argv[1] == "serve":
         _serve(sys.argv[2])
-    elif sys.argv[1] == "train-probe":
-        _train_probe(sys.argv[2])

@@ -7,14 +7,11 @@ on the `trainer` node. The clusters and helpers are in tests/cluster_harness.py.
 from __future__ import annotations
 
 import copy
-import glob
-import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from typing import Any
@@ -368,15 +365,38 @@ def test_generation_actors_run_on_the_teacher_nodes(sim_cluster, prepared_sample
     assert set().union(*where) == teacher_nodes, "the two actors did not spread over both teacher nodes"
 
 
+def _sft_rows(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        a, b = 2 + i % 7, 3 + i % 5
+        q = f"Ann has {a} pens and buys {b} more. How many pens does she have?"
+        rows.append({"id": f"gsm8k:train:{i}", "question_id": f"q{i}", "dataset": "gsm8k", "variant": "decomposer_correct",
+                     "messages": [{"role": "user", "content": q},
+                                  {"role": "assistant", "content": f"1. How many pens did Ann buy?\n2. What is {a} plus {b}?"}]})
+    return rows
+
+
 @pytest.mark.slow
 def test_training_workers_run_on_the_trainer_node(sim_cluster, tmp_path):
-    out = str(tmp_path)
-    env = dict(sim_cluster.env, RAY_ADDRESS=sim_cluster.address)
-    r = subprocess.run([sys.executable, "-m", "tests.cluster_harness", "train-probe", out], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    ranks = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, "rank*.json")))]
-    assert len(ranks) == 2 and all(x["world"] == 2 and x["sum"] == 2.0 for x in ranks), ranks
-    assert {x["node"] for x in ranks} == {sim_cluster.nodes["C"]}, "a training worker ran off the trainer node"
+    """The real `train` job (Ray Train + DeepSpeed ZeRO-2, 2 gloo workers) asking for
+    `resources_per_worker={trainer: 1}`: both workers run on the trainer node, and it exports."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "sft"
+    data.mkdir()
+    pq.write_table(pa.Table.from_pylist(_sft_rows(32)), str(data / "part-00000.parquet"))
+    out = tmp_path / "train"
+    proc = run_job(sim_cluster.env, "train", "--config", os.path.join(REPO, "configs", "train.yaml"),
+                   f"ray.address={sim_cluster.address}", f"data.train_path={data}", "data.validation_path=null",
+                   "data.max_length=96", "model.tiny={vocab_size: 300, hidden_size: 32, num_layers: 1, num_heads: 2, max_positions: 128}",
+                   "deepspeed.micro_batch_size=4", "schedule.max_steps=4", "schedule.checkpoint_every_steps=2",
+                   "scaling={num_workers: 2, cpus_per_worker: 1, resources_per_worker: {trainer: 1}}",
+                   f"output.dir={out}/model", f"output.checkpoint_dir={out}/checkpoints", "output.run_name=placement",
+                   log_path=str(tmp_path / "train.log"), timeout=300)
+    assert proc.returncode == 0, job_log(proc)[-4000:]
+    assert os.path.exists(out / "model" / "config.json"), "no exported model"
     workers = sim_cluster.actors("RayTrainWorker")
-    assert workers and all(set(a["nodes"]) <= {sim_cluster.nodes["C"]} for a in workers), workers
+    assert len(workers) >= 2, workers
+    where = [set(a["nodes"]) for a in workers]
+    assert all(w and w <= {sim_cluster.nodes["C"]} for w in where), f"a training worker ran off the trainer node: {where}"
