@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage, tables
+from pipeline.backends.base import BackendUnavailable
 from pipeline.config import ActorPoolConfig
 
 log = logging.getLogger(__name__)
@@ -133,8 +134,6 @@ class ShardWorker:
         return stats
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from pipeline.backends.base import BackendUnavailable
-
         out = []
         for s in batch["shard"]:
             try:
@@ -181,8 +180,6 @@ def run_shards(
         for item in ds.iter_rows():
             stats = json.loads(item["stats"])
             if "fatal" in stats:
-                from pipeline.backends.base import BackendUnavailable
-
                 err = BackendUnavailable if stats["type"] == "BackendUnavailable" else ShardFailed
                 raise err(f"{stats['fatal']} (shard {stats['shard']}; committed shards are kept, rerun to resume)")
             n += 1

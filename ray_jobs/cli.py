@@ -7,6 +7,13 @@ import sys
 
 JOBS = ("prepare", "generate", "solve", "select", "train", "serve", "infer", "evaluate", "quickstart")
 
+
+
+def config_model(job: str):
+    """The pydantic model that validates ``job``'s config (``ray_jobs.<job>.<Job>Config``)."""
+    return getattr(importlib.import_module(f"ray_jobs.{job}"), f"{job.capitalize()}Config")
+
+
 USAGE = "usage: divconq <job> [--config FILE] [key.sub=value ...]\njobs: " + ", ".join(JOBS)
 
 

@@ -26,15 +26,16 @@ from training.config import TrainConfig
 def prepare_base_model(cfg: TrainConfig) -> str:
     """The base model every worker loads: a hub name / dir / s3:// dir, or a tiny one built here
     (stored next to the checkpoints so that workers on any node, and resumed runs, use the same one)."""
-    dest = storage.join(cfg.output.checkpoint_dir, f"{cfg.output.run_name}-base_model")
+    name = cfg.model.name_or_path
     if not cfg.model.build_tiny:
-        name = cfg.model.name_or_path
         if storage.is_s3(name):
             return name
         if os.path.isdir(os.path.expanduser(name)):
             return os.path.abspath(os.path.expanduser(name))
-        if storage.exists(storage.join(dest, "config.json")):
-            return dest
+    dest = storage.join(cfg.output.checkpoint_dir, f"{cfg.output.run_name}-base_model")
+    if storage.exists(storage.join(dest, "config.json")):  # staged by an earlier run of this run_name
+        return dest
+    if not cfg.model.build_tiny:
         from huggingface_hub import snapshot_download  # hub name: fetch once on the driver, then put it
 
         # in the run's storage, which every node (and a resumed run) can read; a driver-local cache is not
@@ -43,8 +44,6 @@ def prepare_base_model(cfg: TrainConfig) -> str:
     from pipeline.tiny_models import build_tiny_model
     from training.sft_data import corpus_from_rows, read_rows
 
-    if storage.exists(storage.join(dest, "config.json")):
-        return dest
     t = cfg.model.tiny
     tmp = tempfile.mkdtemp(prefix="divconq-tiny-")
     try:

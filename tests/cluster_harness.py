@@ -24,7 +24,6 @@ import time
 import uuid
 from typing import Any, Optional
 
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.dirname(sys.executable)
 RAY_CLI = os.path.join(VENV_BIN, "ray")
@@ -32,15 +31,6 @@ CLUSTER_YAML = os.path.join(REPO, "cluster.yaml")
 RUNTIME_ENV_YAML = os.path.join(REPO, "configs", "runtime_env.yaml")
 CLUSTER_DOC = os.path.join(REPO, "docs", "cluster.md")
 GENERATE_YAML = os.path.join(REPO, "configs", "generate.yaml")
-JOBS = ("prepare", "generate", "solve", "select", "train", "serve", "infer", "evaluate")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ====================================================================== process hygiene

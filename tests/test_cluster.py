@@ -19,11 +19,12 @@ from typing import Any
 import pytest
 import yaml
 
+from ray_jobs.cli import JOBS, config_model
+from tests.servers import free_port
 from tests.cluster_harness import (
     CLUSTER_DOC,
     CLUSTER_YAML,
     GENERATE_YAML,
-    JOBS,
     RAY_CLI,
     REPO,
     RUNTIME_ENV_YAML,
@@ -34,7 +35,6 @@ from tests.cluster_harness import (
     committed,
     decomposition_responder,
     expected_pairs,
-    free_port,
     job_log,
     kill_cluster_processes,
     openai_teacher,
@@ -174,12 +174,6 @@ def documented_job_commands() -> list[tuple[str, list[str]]]:
     return commands
 
 
-def _config_model(job: str):
-    import importlib
-
-    return getattr(importlib.import_module(f"ray_jobs.{job}"), f"{job.capitalize()}Config")
-
-
 def _custom_resource_requests(job: str, cfg) -> list[tuple[dict[str, float], float, str]]:
     """``(custom resources, GPUs, where)`` each actor / worker / replica of a job config asks for."""
     out = []
@@ -207,7 +201,7 @@ def test_documented_job_commands_are_valid_and_fit_the_node_types():
     for job, argv in commands:
         assert argv[0] == "--config", (job, argv)
         path, overrides = os.path.join(REPO, argv[1]), argv[2:]
-        cfg = load_config(_config_model(job), path, overrides)  # raises ConfigError naming the key
+        cfg = load_config(config_model(job), path, overrides)  # raises ConfigError naming the key
         if job in ("generate", "solve", "infer", "select", "evaluate", "prepare", "train"):
             outs = [v for k, v in (o.split("=", 1) for o in overrides) if k in ("output.dir", "output.checkpoint_dir")]
             assert outs and all(v.startswith("s3://") for v in outs), f"{job}: outputs on a cluster go to s3://, got {outs}"
@@ -215,7 +209,7 @@ def test_documented_job_commands_are_valid_and_fit_the_node_types():
     for job in JOBS:
         shipped = os.path.join(REPO, "configs", f"{job}.yaml")
         if os.path.exists(shipped):
-            requests += _custom_resource_requests(job, load_config(_config_model(job), shipped))
+            requests += _custom_resource_requests(job, load_config(config_model(job), shipped))
     asked = {name for res, _, _ in requests for name in res}
     assert {"teacher", "trainer", "serving"} <= asked, f"the docs never use the node types' resources: {asked}"
     for res, gpus, where in requests:

@@ -3,20 +3,14 @@ YAML before doing any work, with a message naming the key."""
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
 
 from pipeline.config import ConfigError, load_config
+from ray_jobs.cli import JOBS, config_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-JOBS = ("prepare", "generate", "solve", "select", "train", "serve", "infer", "evaluate", "quickstart")
-
-
-def config_model(job: str):
-    module = importlib.import_module(f"ray_jobs.{job}")
-    return getattr(module, f"{job.capitalize()}Config")
 
 
 def shipped(job: str) -> str:

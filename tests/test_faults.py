@@ -26,6 +26,7 @@ import uuid
 
 import pytest
 
+from tests.servers import free_port
 from tests.servers.openai_stub import OpenAIStubServer
 from tests.cluster_harness import (
     GENERATE_YAML,
@@ -35,7 +36,6 @@ from tests.cluster_harness import (
     committed,
     decomposition_responder,
     expected_pairs,
-    free_port,
     job_log,
     openai_teacher,
     rows_of,

@@ -7,21 +7,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import time
 
 import httpx
 import pytest
 
+from tests.servers import free_port
+
 SERVED = "tiny-decomposer"
 TOKEN_ENV = "DIVCONQ_TEST_SERVE_TOKEN"
 TOKEN = "tok-3f9c1e7a5b2d4c68"  # a test value; the point is that it never shows up anywhere
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(model_dir: str, port: int, **top):
@@ -49,7 +44,7 @@ def _config(model_dir: str, port: int, **top):
 def served(ray_session, tiny_model_dir):
     from pipeline.serving import shutdown, start
 
-    cfg = _config(tiny_model_dir, _free_port())
+    cfg = _config(tiny_model_dir, free_port())
     base = start(cfg)
     yield {"base": base, "cfg": cfg, "model_dir": tiny_model_dir}
     shutdown()
