@@ -23,6 +23,12 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the offending key."""
 
 
+class UsageError(ValueError):
+    """A job cannot run as asked (an input of the wrong kind, an output dir holding something else);
+    the message says what to change. ``run_main`` reports it as one line; any other ValueError is a
+    bug and keeps its traceback."""
+
+
 # ---------------------------------------------------------------- shared sections
 class RayConfig(Strict):
     address: Optional[str] = Field(None, description="Cluster address; None starts (or joins via RAY_ADDRESS) local Ray.")

@@ -20,7 +20,7 @@ from pipeline.outputs import ShardedJobConfig
 from pipeline.parsing import ParseError, parse_subquestions
 from pipeline.prompts import PROMPT_VERSION, decomposer_messages
 from pipeline.schema import QUESTION_SCHEMA
-from pipeline.sharded import ShardWorker
+from pipeline.sharded import ShardWorker, exception_cause, row_error
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,17 @@ class GenerateConfig(ShardedJobConfig):
 
 
 def expand_samples(rows, n: int):
-    """One request per (question, sample index), with a stable ``request_id``."""
-    for row in rows:
+    """One request per (question, sample index), with a stable ``request_id``. A row without an ``id``
+    gets ``input-row-<position>#k`` so that it reaches a shard and is quarantined there, naming it."""
+    for i, row in enumerate(rows):
         for k in range(n):
-            yield {**row, "request_id": f"{row['id']}#{k}", "sample_index": k}
+            yield {**row, "request_id": f"{row.get('id') or f'input-row-{i}'}#{k}", "sample_index": k}
+
+
+def input_problem(row: dict[str, Any], required: tuple[str, ...] = ("id", "question")) -> Optional[str]:
+    """Why an input row cannot be worked on (a required field missing or empty), else None."""
+    missing = [f for f in required if row.get(f) is None or row.get(f) == ""]
+    return f"input row has no {' or '.join(repr(f) for f in missing)}" if missing else None
 
 
 def usage_of(completions) -> dict[str, float]:
@@ -96,24 +103,38 @@ class DecomposeWorker(ShardWorker):
 
     def process(self, rows):
         good, bad, completions = [], [], []
-        for i in range(0, len(rows), self.batch_size):
-            chunk = rows[i : i + self.batch_size]
+        todo = []
+        for r in rows:
+            problem = input_problem(r)
+            if problem:
+                bad.append({**r, "error": row_error(r, "input", problem)})
+            else:
+                todo.append(r)
+        for i in range(0, len(todo), self.batch_size):
+            chunk = todo[i : i + self.batch_size]
             reqs = [Request(messages=decomposer_messages(r, few_shot=self.few_shot), sample_index=int(r["sample_index"]),
                             row=r, role="decomposer") for r in chunk]
             outs = self.backend.generate(reqs, self.params)
             completions.extend(outs)
             for row, c in zip(chunk, outs):
-                out = {**row, "raw_text": c.text, "teacher": self.backend.name, "prompt_version": PROMPT_VERSION,
-                       "temperature": self.params.temperature, "top_p": self.params.top_p,
-                       "max_tokens": self.params.max_tokens, "seed": self.params.seed + int(row["sample_index"]),
-                       **completion_fields(c), "subquestions": None, "error": None}
-                if c.error:
-                    bad.append({**out, "error": f"teacher error: {c.error}"})
-                    continue
                 try:
-                    out["subquestions"] = parse_subquestions(c.text, self.max_subquestions)
-                except ParseError as e:
-                    bad.append({**out, "error": f"parse error: {e}"})
-                    continue
-                good.append(out)
+                    out = self.finish(row, c)
+                except Exception as e:  # per row: anything odd in this answer quarantines this row only
+                    out = {**row, "error": row_error(row, "parse", exception_cause(e))}
+                (bad if out["error"] else good).append(out)
         return good, bad, usage_of(completions)
+
+    def finish(self, row: dict[str, Any], c) -> dict[str, Any]:
+        """The output row for one completion (``error`` set: it goes to quarantine)."""
+        out = {**row, "raw_text": c.text, "teacher": self.backend.name, "prompt_version": PROMPT_VERSION,
+               "temperature": self.params.temperature, "top_p": self.params.top_p,
+               "max_tokens": self.params.max_tokens, "seed": self.params.seed + int(row["sample_index"]),
+               **completion_fields(c), "subquestions": None, "error": None}
+        if c.error:
+            out["error"] = f"teacher error for request {row['request_id']}: {c.error}"
+            return out
+        try:
+            out["subquestions"] = parse_subquestions(c.text, self.max_subquestions)
+        except ParseError as e:
+            out["error"] = f"parse error for request {row['request_id']}: {e}"
+        return out

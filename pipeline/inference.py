@@ -29,7 +29,7 @@ from pipeline.config import BackendConfig, SamplingConfig
 from pipeline.outputs import ShardedJobConfig
 from pipeline.parsing import ParseError, extract_answer, parse_dynamic_step, parse_solver_output, parse_subquestions
 from pipeline.schema import QUESTION_SCHEMA
-from pipeline.sharded import ShardWorker
+from pipeline.sharded import ShardWorker, exception_cause, row_error
 from pipeline.backends.reference import gold_pairs
 from pipeline.similarity import decomposition_similarity
 
@@ -197,27 +197,41 @@ class InferWorker(ShardWorker):
         c = self.cfg
         good, bad = [], []
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start : start + self.batch_size]
+        todo = []
+        for row in rows:
+            problem = _input_problem(row)
+            if problem:  # quarantined before any call is spent on it
+                bad.append(self._row(row, {"tally": _Tally(), "error": row_error(row, "input", problem)}, 0.0))
+            else:
+                todo.append(row)
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start : start + self.batch_size]
             states: list[dict[str, Any]] = [{"tally": _Tally()} for _ in chunk]
             t0 = time.perf_counter()
             {"static": self._static, "dynamic": self._dynamic}.get(c.mode, self._single)(chunk, states)
             latency = (time.perf_counter() - t0) / max(1, len(chunk))
             for row, st in zip(chunk, states):
-                out = self._row(row, st, latency)
+                try:
+                    out = self._row(row, st, latency)
+                except Exception as e:  # per row: an odd prediction or gold field quarantines this row only
+                    out = self._row(row, {**st, "error": row_error(row, "score", exception_cause(e))}, latency)
                 usage["prompt_tokens"] += out["decomposer_prompt_tokens"] + out["solver_prompt_tokens"]
                 usage["completion_tokens"] += out["decomposer_completion_tokens"] + out["solver_completion_tokens"]
                 (bad if out["error"] else good).append(out)
         return good, bad, usage
 
     def _row(self, row: dict, st: dict, latency: float) -> dict[str, Any]:
+        """The output row of one question; one with an ``error`` is not scored (it counts as wrong)."""
         c = self.cfg
-        s = metrics.score(row["dataset"], st.get("prediction"), list(row["answers"]), f1_threshold=c.drop_f1_threshold)
-        subqs = st.get("subquestions")
-        sim = decomposition_similarity(subqs, gold_pairs(row)[0]) if subqs is not None and row.get("gold_subquestions") else {}
+        if st.get("error"):
+            s, sim = {"em": 0.0, "f1": 0.0, "correct": False}, {}
+        else:
+            s = metrics.score(row["dataset"], st.get("prediction"), list(row["answers"] or []), f1_threshold=c.drop_f1_threshold)
+            subqs = st.get("subquestions")
+            sim = decomposition_similarity(subqs, gold_pairs(row)[0]) if subqs is not None and row.get("gold_subquestions") else {}
         return {**{k: row.get(k) for k in QUESTION_SCHEMA.names}, "request_id": row["request_id"], "setting": c.setting,
                 "mode": c.mode, "decomposer": self.decomposer.name if self.decomposer else None, "solver": self.solver.name,
-                "prompt_version": prompts.PROMPT_VERSION, "subquestions": subqs,
+                "prompt_version": prompts.PROMPT_VERSION, "subquestions": st.get("subquestions"),
                 "decomposition_parsed": st.get("decomposition_parsed"), "subanswers": st.get("subanswers"),
                 "decomposer_text": st.get("decomposer_text"), "solver_text": st.get("solver_text"),
                 "prediction": st.get("prediction"), "em": s["em"], "f1": s["f1"], "correct": bool(s["correct"]),
@@ -225,6 +239,17 @@ class InferWorker(ShardWorker):
                 "latency_s": latency, "error": st.get("error")}
 
 
+def _input_problem(row: dict[str, Any]) -> Optional[str]:
+    """Why ``infer`` cannot work on an input row (a missing field, a dataset without a metric), else None."""
+    missing = [f for f in ("id", "question", "dataset") if row.get(f) is None or row.get(f) == ""]
+    if missing:
+        return f"input row has no {' or '.join(repr(f) for f in missing)}"
+    if row["dataset"] not in metrics.METRIC_NAME:
+        return f"unknown dataset {row['dataset']!r} (no metric; known: {sorted(metrics.METRIC_NAME)})"
+    return None
+
+
 def as_requests(rows):
-    for row in rows:
-        yield {**row, "request_id": row["id"]}
+    """One request per question; a row without an ``id`` gets ``input-row-<position>`` (and is quarantined)."""
+    for i, row in enumerate(rows):
+        yield {**row, "request_id": row.get("id") or f"input-row-{i}"}

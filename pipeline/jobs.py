@@ -10,7 +10,7 @@ from typing import Callable, Optional, TypeVar
 
 from pydantic import BaseModel
 
-from pipeline.config import ConfigError, RayConfig, load_config
+from pipeline.config import ConfigError, RayConfig, UsageError, load_config
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -66,12 +66,17 @@ def quiet_without_dashboard() -> None:
 
 
 def run_main(fn: Callable[[], int | None]) -> int:
-    """Run a job body, turning expected user errors into a one-line message and exit 1."""
+    """Run a job body: exit 1 with a one-line message for what the user can fix (a config or usage
+    error, a backend or storage that cannot be reached: OSError covers S3 and missing files); exit 1
+    with the full traceback for anything else, which is a bug in divconq."""
     from pipeline.backends.base import BackendUnavailable
     from pipeline.sharded import ShardFailed
 
     try:
         return fn() or 0
-    except (ConfigError, BackendUnavailable, ShardFailed, FileNotFoundError, ValueError) as e:
+    except (ConfigError, UsageError, BackendUnavailable, ShardFailed, OSError) as e:
         log.error("%s: %s", type(e).__name__, e)
+        return 1
+    except Exception:
+        log.exception("unexpected error: a bug in divconq, not in the input or config; please report it with this traceback")
         return 1

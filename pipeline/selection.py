@@ -50,7 +50,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipeline import storage, tables
-from pipeline.config import Strict
+from pipeline.config import Strict, UsageError
 from pipeline.manifest import read_manifest
 from pipeline.outputs import InputConfig, filtered_rows
 from pipeline.parsing import format_subquestions, parse_solver_output
@@ -230,7 +230,7 @@ def _input_columns(path: str) -> list[str]:
     names = pq.ParquetFile(io.BytesIO(storage.read_bytes(files[0]))).schema_arrow.names
     missing = [c for c in _REQUIRED if c not in names]
     if missing:
-        raise ValueError(f"select input {path} lacks column(s) {missing}: expected a solve or generate output")
+        raise UsageError(f"select input {path} lacks column(s) {missing}: expected a solve or generate output")
     return [c for c in _INPUT_COLUMNS if c in names]
 
 
@@ -282,7 +282,7 @@ def _prepare_output(out: str, overwrite: bool) -> None:
         if overwrite or storage.exists(marker) or (prev and prev.get("job") == "select"):
             storage.delete(out)
         elif storage.list_files(out):
-            raise ValueError(f"{out} is not empty and holds no select output; set output.overwrite=true or pick another dir")
+            raise UsageError(f"{out} is not empty and holds no select output; set output.overwrite=true or pick another dir")
     storage.write_json(marker, {"job": "select"})
 
 
@@ -371,7 +371,7 @@ def select(cfg: SelectConfig) -> dict[str, Any]:
     rows_iter, columns = read_input(cfg.input)
     wants_solve = sorted(set(cfg.variants) & NEEDS_SOLVE)
     if wants_solve and not {"correct", "solver_raw_text"} <= set(columns):
-        raise ValueError(f"variants {wants_solve} need a solve output (columns 'correct', 'solver_raw_text'); "
+        raise UsageError(f"variants {wants_solve} need a solve output (columns 'correct', 'solver_raw_text'); "
                          f"{cfg.input.path} looks like a generate output: run solve first or use variants=[decomposer_all]")
     rows, dup = canonical_order(r for r in rows_iter if not r.get("error") and r.get("subquestions") is not None)
     _prepare_output(cfg.output.dir, cfg.output.overwrite)

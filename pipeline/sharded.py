@@ -8,10 +8,19 @@ Layout of a job output directory (local or ``s3://``)::
     <out>/_done/shard-00000.json          commit marker: counts and token usage of the shard
     <out>/manifest.json                   the job summary (written at the end)
 
-A shard is committed when its ``_done`` marker exists; the marker is written after its
-data and quarantine files. A rerun (after a crash, ``ray job stop`` or a lost node) skips
-committed shards and redoes the others, overwriting any half-written files of the same
-name, so every row lands exactly once. Ray Data runs the shards on an autoscaling actor
+A shard is committed when its ``_done`` marker exists. A shard's writes go in a fixed
+order: its data file (always, even when empty), then its quarantine file (written when it
+has bad rows, *deleted* when it has none, so an earlier attempt's file cannot linger), then
+the marker. A rerun (after a crash, ``ray job stop`` or a lost node) skips committed shards
+and redoes the others, replacing every file of the same name, so every row lands exactly
+once whichever write a crash came between, and whatever the redo's outcome is
+(tests/test_exactly_once.py crashes a shard before each of those writes).
+
+Per-row isolation: whatever goes wrong with one row (its input, its request, its response,
+its parse, a value Parquet cannot store) puts that row in quarantine with an ``error``
+naming the row, the stage and the cause; only infrastructure failures
+(:data:`INFRASTRUCTURE_ERRORS`: a backend unreachable or refusing our credentials, storage
+unreachable) stop the job, with committed shards kept. Ray Data runs the shards on an autoscaling actor
 pool (``map_batches`` with a callable class), restarting actors on lost nodes and
 retrying their tasks.
 
@@ -27,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import traceback
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
@@ -34,7 +44,7 @@ import pyarrow as pa
 
 from pipeline import storage, tables
 from pipeline.backends.base import BackendUnavailable
-from pipeline.config import ActorPoolConfig
+from pipeline.config import ActorPoolConfig, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +53,30 @@ class ShardFailed(RuntimeError):
     """A shard could not be processed for a reason that stops the job (storage unreachable, ...)."""
 
 
-class OutputMismatch(ValueError):
+class OutputMismatch(UsageError):
     """The output directory holds a different job's work (set output.overwrite=true or pick a new dir)."""
+
+
+# What stops a job (after its retries, inside the backend or the S3 client); anything else raised
+# while a shard's rows are handled is a problem of one row, and goes to quarantine.
+INFRASTRUCTURE_ERRORS = (BackendUnavailable, ShardFailed, OSError)
+
+
+def row_label(row: dict[str, Any]) -> str:
+    """How an error names a row: its request id, else its question id, else ``?``."""
+    return str(row.get("request_id") or row.get("id") or "?")
+
+
+def row_error(row: dict[str, Any], stage: str, cause: str) -> str:
+    """The ``error`` of a quarantined row: which row, at which stage, and why."""
+    return f"request {row_label(row)}, stage {stage}: {cause}"
+
+
+def exception_cause(e: BaseException) -> str:
+    """``Type: message (in function, file:line)`` of the frame that raised ``e``."""
+    tb = traceback.extract_tb(e.__traceback__)
+    where = f" (in {tb[-1].name}, {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno})" if tb else ""
+    return f"{type(e).__name__}: {e}{where}"
 
 
 class Layout:
@@ -89,6 +121,7 @@ def stage_requests(layout: Layout, requests: Iterable[dict[str, Any]], shard_siz
             )
         log.info("resuming: %d request shards already staged in %s", len(plan["shards"]), layout.requests)
         return plan["shards"]
+    storage.delete(layout.requests)  # shards of an earlier staging that died before its plan was written
     shards, total = [], 0
     for i, chunk in enumerate(_chunks(requests, shard_size)):
         name = f"shard-{i:05d}"
@@ -123,24 +156,122 @@ class ShardWorker:
 
     def run_shard(self, shard: str) -> dict[str, Any]:
         start = time.perf_counter()
+        for kind in ("data", "quarantine"):  # temp files of a write that a kill interrupted
+            storage.delete_partial_writes(self.layout.shard_file(kind, shard))
         rows = tables.read_rows(self.layout.shard_file("requests", shard))
-        good, bad, usage = self.process(rows)
-        if bad:
-            tables.write_rows(self.layout.shard_file("quarantine", shard), bad, self.schema)
-        tables.write_rows(self.layout.shard_file("data", shard), good, self.schema)
+        good, bad, usage = self.process_isolated(rows)
+        good, unstorable = split_storable(good, self.schema)
+        bad = storable_rows(bad + [{**r, "error": row_error(r, "write", why)} for r, why in unstorable], self.schema)
         stats = {"shard": shard, "rows_in": len(rows), "rows_out": len(good), "quarantined": len(bad),
                  "seconds": round(time.perf_counter() - start, 4), **{k: float(v) for k, v in usage.items()}}
-        storage.write_json(self.layout.done_file(shard), stats)
+        self.commit(shard, good, bad, stats)
         return stats
+
+    def commit(self, shard: str, good: list[dict], bad: list[dict], stats: dict[str, Any]) -> None:
+        """Data, then quarantine (or the removal of an earlier attempt's), then the marker."""
+        tables.write_rows(self.layout.shard_file("data", shard), good, self.schema)
+        quarantine = self.layout.shard_file("quarantine", shard)
+        if bad:
+            tables.write_rows(quarantine, bad, self.schema)
+        else:
+            storage.delete(quarantine)
+        storage.write_json(self.layout.done_file(shard), stats)
+
+    def process_isolated(self, rows: list[dict[str, Any]]) -> tuple[list[dict], list[dict], dict[str, float]]:
+        """:meth:`process`, and when it raises for anything but infrastructure, :meth:`process` row by row
+        so that only the row(s) that raise go to quarantine.
+
+        Ray Data LLM's pattern (``should_continue_on_error=True``, errors in an ``__inference_error__``
+        column of the output) is followed for the error column but not for the switch: bad rows are
+        isolated always (one odd row must never cost a multi-hour batch), and they go to a separate
+        ``quarantine/`` so that ``data/`` is clean input for the next stage. Jobs catch what they expect
+        per row themselves (teacher errors, parse errors); this is the net for what they did not expect,
+        and it costs a redo of that one shard's requests (cached backends answer them from the cache).
+        """
+        try:
+            return self.process(rows)
+        except INFRASTRUCTURE_ERRORS:
+            raise
+        except Exception:
+            log.exception("%d rows failed together; processing them one by one to isolate the bad row(s)", len(rows))
+        good: list[dict] = []
+        bad: list[dict] = []
+        usage: dict[str, float] = {}
+        for row in rows:
+            try:
+                g, b, u = self.process([row])
+            except INFRASTRUCTURE_ERRORS:
+                raise
+            except Exception as e:
+                bad.append({**row, "error": row_error(row, "process", exception_cause(e))})
+                continue
+            good += g
+            bad += b
+            for k, v in u.items():
+                usage[k] = usage.get(k, 0) + v
+        return good, bad, usage
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out = []
         for s in batch["shard"]:
             try:
                 out.append(json.dumps(self.run_shard(str(s))))
-            except (BackendUnavailable, OSError) as e:  # fatal for the job: report it, the driver stops
+            except INFRASTRUCTURE_ERRORS as e:  # fatal for the job: report it, the driver stops
                 out.append(json.dumps({"shard": str(s), "fatal": str(e), "type": type(e).__name__}))
         return {"stats": out}
+
+
+def _unstorable(row: dict[str, Any], schema: pa.Schema) -> list[str]:
+    """``field 'x' (Type: msg)`` for each value of ``row`` that Parquet cannot store as ``schema`` says."""
+    problems = []
+    for f in schema:
+        try:
+            pa.array([row.get(f.name)], type=f.type)
+        except (pa.ArrowException, ValueError, TypeError, OverflowError) as e:
+            problems.append(f"field {f.name!r} ({type(e).__name__}: {e})")
+    return problems
+
+
+def split_storable(rows: list[dict], schema: pa.Schema) -> tuple[list[dict], list[tuple[dict, str]]]:
+    """(rows Parquet can store, [(row, why not)] for the others, e.g. a lone surrogate in a string)."""
+    try:
+        pa.Table.from_pylist(rows, schema=schema)
+        return rows, []
+    except (pa.ArrowException, ValueError, TypeError, OverflowError):
+        pass
+    ok, unstorable = [], []
+    for r in rows:
+        problems = _unstorable(r, schema)
+        if problems:
+            unstorable.append((r, "cannot be stored in Parquet: " + "; ".join(problems)))
+        else:
+            ok.append(r)
+    return ok, unstorable
+
+
+def _escaped(value: Any) -> Any:
+    """Strings (also in lists) with unencodable characters as backslash escapes."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, (list, tuple)):
+        return [_escaped(v) for v in value]
+    return value
+
+
+def storable_rows(rows: list[dict], schema: pa.Schema) -> list[dict]:
+    """Quarantine rows made storable: an unstorable value is escaped, or else emptied (its error says so)."""
+    ok, unstorable = split_storable(rows, schema)
+    if not unstorable:
+        return rows
+    fixed = []
+    for r, _ in unstorable:
+        r = {k: _escaped(v) for k, v in r.items()}
+        emptied = [f.name for f in schema if _unstorable({f.name: r.get(f.name)}, pa.schema([f]))]
+        r.update({name: None for name in emptied})
+        if emptied:
+            r["error"] = f"{r.get('error')} [unstorable field(s) {emptied} emptied]"
+        fixed.append(r)
+    return ok + fixed
 
 
 def run_shards(

@@ -32,13 +32,13 @@ import pyarrow as pa
 from pydantic import Field, TypeAdapter, field_validator
 
 from pipeline.backends import Request, SamplingParams, make_backend
-from pipeline.config import BackendConfig, SamplingConfig
-from pipeline.generation import GENERATE_SCHEMA, usage_of
+from pipeline.config import BackendConfig, SamplingConfig, UsageError
+from pipeline.generation import GENERATE_SCHEMA, input_problem, usage_of
 from pipeline.metrics import METRIC_NAME, score
 from pipeline.outputs import ShardedJobConfig
 from pipeline.parsing import extract_answer, parse_solver_output
 from pipeline.prompts import PROMPT_VERSION, solver_messages
-from pipeline.sharded import ShardWorker
+from pipeline.sharded import ShardWorker, exception_cause, row_error
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def input_schema(path: str) -> pa.Schema:
     schema = pq.ParquetFile(io.BytesIO(storage.read_bytes(files[0]))).schema_arrow
     missing = [c for c in REQUIRED_INPUT_COLUMNS if c not in schema.names]
     if missing:
-        raise ValueError(f"solve input {path} lacks column(s) {missing}: expected a generate output "
+        raise UsageError(f"solve input {path} lacks column(s) {missing}: expected a generate output "
                          f"(columns {list(REQUIRED_INPUT_COLUMNS)})")
     return schema
 
@@ -165,8 +165,11 @@ class SolveWorker(ShardWorker):
         good, bad, completions = [], [], []
         todo = []
         for r in rows:
+            problem = input_problem(r, ("request_id", "question"))
             if r.get("subquestions") is None:
                 bad.append({**r, "error": f"request {r.get('request_id')}: input row has no subquestions"})
+            elif problem:
+                bad.append({**r, "error": row_error(r, "input", problem)})
             else:
                 todo.append(r)
         for i in range(0, len(todo), self.batch_size):
@@ -174,7 +177,10 @@ class SolveWorker(ShardWorker):
             outs = self.backend.generate([self.request(r) for r in chunk], self.params)
             completions.extend(outs)
             for row, c in zip(chunk, outs):
-                out = self.finish(row, c)
+                try:
+                    out = self.finish(row, c)
+                except Exception as e:  # per row: an odd answer or gold field quarantines this row only
+                    out = {**row, "error": row_error(row, "score", exception_cause(e))}
                 (bad if out["error"] else good).append(out)
         return good, bad, {**usage_of(completions), **accuracy_counters(good, bad)}
 
@@ -200,7 +206,12 @@ def accuracy_counters(good: list[dict], bad: list[dict]) -> dict[str, float]:
 
 
 def accuracy_summary(totals: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """``{dataset: {n, correct, accuracy, em, f1, no_answer, quarantined}}`` plus ``"all"`` from shard totals."""
+    """``{dataset: {n, answered, coverage, correct, accuracy, em, f1, no_answer, quarantined}}`` plus ``"all"``.
+
+    ``n`` counts every question (answered or quarantined) and is the denominator of accuracy, EM
+    and F1: a quarantined row counts as wrong, as in the paper, so a system that fails more rows
+    cannot score higher. ``coverage`` (answered / n) is shown beside it.
+    """
     by: dict[str, dict[str, float]] = {}
     for key, v in totals.items():
         if key.startswith("acc.") and key.count(".") >= 2:
@@ -221,9 +232,10 @@ def accuracy_summary(totals: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def _finish_summary(d: dict[str, float]) -> dict[str, float]:
-    n = d["n"]
-    return {"n": int(n), "correct": int(d["correct"]), "no_answer": int(d["no_answer"]),
+    answered, n = d["n"], d["n"] + d["quarantined"]  # the shard counter "n" counts answered rows
+    return {"n": int(n), "answered": int(answered), "correct": int(d["correct"]), "no_answer": int(d["no_answer"]),
             "quarantined": int(d["quarantined"]),
             "accuracy": round(d["correct"] / n, 6) if n else 0.0,
+            "coverage": round(answered / n, 6) if n else 0.0,
             "em": round(d["em"] / n, 6) if n else 0.0,
             "f1": round(d["f1"] / n, 6) if n else 0.0}

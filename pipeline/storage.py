@@ -102,6 +102,20 @@ def write_json(uri: str, obj: Any) -> None:
     write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def delete_partial_writes(uri: str) -> None:
+    """Remove the temp files that writes of ``uri`` killed before their rename left (local disk only:
+    an S3 object appears whole or not at all)."""
+    if is_s3(uri):
+        return
+    import glob
+
+    for tmp in glob.glob(glob.escape(filesystem(uri)[1]) + ".tmp-*"):
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+
+
 def list_files(uri: str, suffix: str = "", recursive: bool = True) -> list[str]:
     """Files under a directory URI (sorted, returned as URIs of the same kind)."""
     fs, path = filesystem(uri)

@@ -32,9 +32,14 @@ def iter_rows(uri: str, columns: list[str] | None = None, batch_size: int = 1024
         return
     fs, _ = storage.filesystem(path)
     inner = [storage.filesystem(f)[1] for f in files]
-    ds = pads.dataset(inner, filesystem=fs, format="parquet")
-    for batch in ds.to_batches(columns=columns, batch_size=batch_size):
-        yield from batch.to_pylist()
+    try:
+        ds = pads.dataset(inner, filesystem=fs, format="parquet")
+        for batch in ds.to_batches(columns=columns, batch_size=batch_size):
+            yield from batch.to_pylist()
+    except pa.ArrowInvalid as e:  # a file that is not Parquet, or files that disagree: the input's fault
+        from pipeline.config import UsageError
+
+        raise UsageError(f"cannot read the rows of {uri}: {e}") from e
 
 
 def read_rows(uri: str, columns: list[str] | None = None) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ import sys
 import time
 
 from pipeline.inference import InferConfig, InferWorker, as_requests
+from pipeline.config import UsageError
 from pipeline.jobs import init_ray, parse_job_args, run_main
 from pipeline.manifest import write_manifest
 from pipeline.outputs import filtered_rows
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         started = time.time()
         if cfg.mode in ("static", "dynamic") and cfg.decomposer is None:
-            raise ValueError(f"mode {cfg.mode!r} needs a `decomposer` backend in the config")
+            raise UsageError(f"mode {cfg.mode!r} needs a `decomposer` backend in the config")
         init_ray(cfg.ray)
         layout = Layout(cfg.output.dir)
         fingerprint = cfg.model_dump(include={"input", "setting", "mode", "decomposer", "solver", "decomposer_sampling",

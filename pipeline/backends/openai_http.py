@@ -112,6 +112,16 @@ def parse_retry_after(value: Optional[str], now: Optional[datetime] = None) -> O
     return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
 
 
+def _token_count(usage: dict, key: str) -> int:
+    """A usage count; ValueError for one that is not a non-negative integer (e.g. ``"n/a"``)."""
+    v = usage.get(key)
+    if v is None:
+        return 0
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or v != int(v):
+        raise ValueError(f"usage.{key} is {v!r}, not a token count")
+    return int(v)
+
+
 def _server_message(resp: httpx.Response) -> str:
     try:
         data = resp.json()
@@ -292,17 +302,15 @@ class OpenAIBackend(Backend):
                 text = choice["message"]["content"]
                 if not isinstance(text, str):
                     raise TypeError("content is not a string")
-            except (ValueError, KeyError, IndexError, TypeError) as e:
+                usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+                tokens = [_token_count(usage, k) for k in ("prompt_tokens", "completion_tokens")]
+                finish = choice.get("finish_reason")
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError, OverflowError) as e:
                 self._by_status["garbage"] += 1
                 snippet = self._scrub(" ".join(resp.text[:80].split()))
-                return _Failure("garbage", f"malformed {status} response ({type(e).__name__}): {snippet!r}", status)
-            usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-            return Completion(
-                text=text,
-                prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                completion_tokens=int(usage.get("completion_tokens") or 0),
-                finish_reason=choice.get("finish_reason"),
-            )
+                return _Failure("garbage", f"malformed {status} response ({type(e).__name__}: {e}): {snippet!r}", status)
+            return Completion(text=text, prompt_tokens=tokens[0], completion_tokens=tokens[1],
+                              finish_reason=finish if isinstance(finish, str) else None)
 
         msg = self._scrub(_server_message(resp))
         if status in AUTH_STATUS:
@@ -390,7 +398,7 @@ class OpenAIBackend(Backend):
             if isinstance(r, _Unreachable):
                 raise BackendUnavailable(self._scrub(
                     f"teacher endpoint {self.base_url} unreachable after {self.config.max_retries} retries: {r}")) from None
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        return results
+        # Anything else one request raised is that request's problem: an error Completion (its row goes
+        # to quarantine), never an exception that would fail the whole batch.
+        return [Completion(error=self._scrub(f"{type(r).__name__}: {r}")) if isinstance(r, BaseException) else r
+                for r in results]

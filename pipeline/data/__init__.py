@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 from pipeline.data import bamboogle, drop, generic, gsm8k
-from pipeline.data.sources import RowParser, SourceConfig, check_file, resolve_format, take_good
+from pipeline.data.sources import FILE_DAMAGE, RowParser, SourceConfig, SourceReadError, check_file, resolve_format, take_good
 from pipeline.schema import Question, Rejected
 
 _MODULES = {"gsm8k": gsm8k, "drop": drop, "bamboogle": bamboogle, "generic": generic}
@@ -41,11 +41,15 @@ def load_source(src: SourceConfig) -> Iterator[Question | Rejected]:
 
 
 def _guard(rows: Iterator[Question | Rejected], src: SourceConfig) -> Iterator[Question | Rejected]:
-    """A file that cannot be read to the end (bad or truncated compression, bad encoding) becomes one
-    quarantined row naming it and why; the rows read before the damage are kept."""
+    """A damaged file (bad or truncated compression, bad encoding: deterministic, rerunning would not
+    help) becomes one quarantined row naming it and why; the rows read before the damage are kept.
+    An I/O error (:class:`SourceReadError`: storage unreachable after its retries) is raised: the job
+    stops rather than report a silently truncated corpus as done."""
     try:
         yield from rows
-    except (OSError, EOFError, UnicodeDecodeError) as e:
+    except SourceReadError:
+        raise
+    except FILE_DAMAGE as e:
         yield Rejected(source=src.path, location="file", raw="",
                        error=f"unreadable file (rows before this point were kept): {type(e).__name__}: {e}")
 

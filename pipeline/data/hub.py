@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 from typing import Iterator
 
+from pipeline.config import UsageError
 from pipeline.data.sources import HUB_PREFIX, Record, RowParser, SourceConfig, parse_records
 from pipeline.schema import Question, Rejected
 
 
 def repo_id(path: str) -> str:
     if not path.startswith(HUB_PREFIX) or not path[len(HUB_PREFIX):].strip("/"):
-        raise ValueError(f"hub path must look like {HUB_PREFIX}<owner>/<name>, got {path!r}")
+        raise UsageError(f"hub path must look like {HUB_PREFIX}<owner>/<name>, got {path!r}")
     return path[len(HUB_PREFIX):].strip("/")
 
 

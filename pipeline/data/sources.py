@@ -17,8 +17,10 @@ the fly for JSONL, JSON and CSV.
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Literal, Optional
 
@@ -26,7 +28,7 @@ import pyarrow.fs as pafs
 from pydantic import Field, field_validator, model_validator
 
 from pipeline import storage
-from pipeline.config import Strict
+from pipeline.config import Strict, UsageError
 from pipeline.schema import Question, Rejected, RowError, validate_question
 
 HUB_PREFIX = "hf://"
@@ -98,7 +100,7 @@ def resolve_format(src: SourceConfig) -> str:
     for ext, fmt in _EXTENSIONS.items():
         if name.endswith(ext):
             return fmt
-    raise ValueError(
+    raise UsageError(
         f"cannot infer the format of {src.path!r} from its extension; "
         f"set format to one of {list(FORMATS)} (known extensions: {sorted(_EXTENSIONS)}, optionally .gz)"
     )
@@ -111,13 +113,26 @@ def check_file(path: str) -> None:
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"source file not found: {path}")
     if info.type == pafs.FileType.Directory:
-        raise ValueError(f"source path {path!r} is a directory; point it at a file")
+        raise UsageError(f"source path {path!r} is a directory; point it at a file")
 
 
 def _open_text(path: str, newline: Optional[str] = "\n") -> io.TextIOWrapper:
+    """A text stream of ``path``; ``.gz`` is inflated by Python's gzip (not pyarrow's codec) so that a
+    damaged file (:data:`FILE_DAMAGE`) can be told apart from an I/O error, which pyarrow reports as
+    the same OSError."""
     fs, inner = storage.filesystem(path)
-    compression = "gzip" if inner.endswith(".gz") else None
-    return io.TextIOWrapper(fs.open_input_stream(inner, compression=compression), encoding="utf-8", newline=newline)
+    raw = fs.open_input_stream(inner, compression=None)
+    return io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if inner.endswith(".gz") else raw, encoding="utf-8", newline=newline)
+
+
+# A file whose bytes are damaged (not gzip, cut short, not UTF-8): its rows are quarantined, the job goes on.
+FILE_DAMAGE = (EOFError, UnicodeDecodeError, zlib.error, gzip.BadGzipFile)
+
+
+class SourceReadError(OSError):
+    """Reading a source failed part-way for an I/O reason (storage gone after its retries): ``prepare``
+    stops (exit 1) rather than write a silently truncated corpus. The message names the file and the
+    last line or row read."""
 
 
 def read_text(path: str) -> str:
@@ -288,7 +303,7 @@ def iter_records(path: str, fmt: str) -> Iterator[Record]:
         return iter_csv(path)
     if fmt == "parquet":
         return iter_parquet(path)
-    raise ValueError(f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
+    raise UsageError(f"unknown format {fmt!r}; expected one of {list(FORMATS)}")
 
 
 # ------------------------------------------------------------------ parsing
@@ -316,7 +331,7 @@ def parse_one(parser: RowParser, value: Any, position: int) -> Question:
 def parse_records(records: Iterable[Record], source: str, parser: RowParser) -> Iterator[Question | Rejected]:
     """Map records through ``parser``; unreadable or invalid rows and duplicate ids become Rejected."""
     seen: dict[str, str] = {}
-    for rec in records:
+    for rec in _read_or_stop(records, source):
         if rec.error is not None:
             yield reject(source, rec.location, rec.raw, rec.error)
             continue
@@ -331,6 +346,24 @@ def parse_records(records: Iterable[Record], source: str, parser: RowParser) -> 
             continue
         seen[q.id] = rec.location
         yield q
+
+
+def _read_or_stop(records: Iterable[Record], source: str) -> Iterator[Record]:
+    """``records``, turning an I/O error part-way into :class:`SourceReadError` naming where it stopped."""
+    it = iter(records)
+    last = "before the first row"
+    while True:
+        try:
+            rec = next(it)
+        except StopIteration:
+            return
+        except FILE_DAMAGE:
+            raise
+        except OSError as e:
+            raise SourceReadError(f"I/O error reading {source} after {last} (nothing written from it is complete; "
+                                  f"rerun when the storage is reachable): {type(e).__name__}: {e}") from e
+        last = rec.location
+        yield rec
 
 
 def take_good(rows: Iterator[Question | Rejected], limit: Optional[int]) -> Iterator[Question | Rejected]:
