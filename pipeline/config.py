@@ -89,6 +89,9 @@ class HFBackendConfig(Strict):
     batch_size: int = Field(8, ge=1)
     trust_remote_code: bool = False
     max_input_tokens: int = Field(2048, ge=16)
+    truncate_prompts: bool = Field(False, description="A prompt longer than the model takes (max_input_tokens, "
+                                   "the model's context less one): false = quarantine its row; true = cut its "
+                                   "oldest tokens and count it in the manifest (counts.truncated_prompts).")
     generation_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra model.generate() kwargs, e.g. {repetition_penalty: 1.2}.")
 
 

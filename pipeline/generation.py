@@ -78,6 +78,7 @@ def usage_of(completions) -> dict[str, float]:
         "prompt_tokens": sum(c.prompt_tokens for c in completions),
         "completion_tokens": sum(c.completion_tokens for c in completions),
         "cached": sum(1 for c in completions if c.cached),
+        "truncated_prompts": sum(1 for c in completions if c.prompt_truncated),
         "latency_s": sum(c.latency_s for c in completions),
     }
 

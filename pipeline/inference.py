@@ -85,8 +85,10 @@ class _Tally:
     def __init__(self) -> None:
         self.calls = {"decomposer": 0, "solver": 0}
         self.tokens = {k: [0, 0] for k in ("decomposer", "solver")}
+        self.truncated = 0
 
     def add(self, role: str, c) -> None:
+        self.truncated += int(c.prompt_truncated)
         self.calls[role] += 1
         self.tokens[role][0] += c.prompt_tokens
         self.tokens[role][1] += c.completion_tokens
@@ -196,7 +198,7 @@ class InferWorker(ShardWorker):
     def process(self, rows):
         c = self.cfg
         good, bad = [], []
-        usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        usage = {"prompt_tokens": 0, "completion_tokens": 0, "truncated_prompts": 0}
         todo = []
         for row in rows:
             problem = _input_problem(row)
@@ -215,6 +217,7 @@ class InferWorker(ShardWorker):
                     out = self._row(row, st, latency)
                 except Exception as e:  # per row: an odd prediction or gold field quarantines this row only
                     out = self._row(row, {**st, "error": row_error(row, "score", exception_cause(e))}, latency)
+                usage["truncated_prompts"] += st["tally"].truncated
                 usage["prompt_tokens"] += out["decomposer_prompt_tokens"] + out["solver_prompt_tokens"]
                 usage["completion_tokens"] += out["decomposer_completion_tokens"] + out["solver_completion_tokens"]
                 (bad if out["error"] else good).append(out)

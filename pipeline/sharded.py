@@ -161,7 +161,8 @@ class ShardWorker:
         rows = tables.read_rows(self.layout.shard_file("requests", shard))
         good, bad, usage = self.process_isolated(rows)
         good, unstorable = split_storable(good, self.schema)
-        bad = storable_rows(bad + [{**r, "error": row_error(r, "write", why)} for r, why in unstorable], self.schema)
+        bad = storable_rows(bad + [{**r, "error": row_error(r, "write", why)} for r, why in unstorable],
+                            quarantine_schema(self.schema))
         stats = {"shard": shard, "rows_in": len(rows), "rows_out": len(good), "quarantined": len(bad),
                  "seconds": round(time.perf_counter() - start, 4), **{k: float(v) for k, v in usage.items()}}
         self.commit(shard, good, bad, stats)
@@ -172,7 +173,7 @@ class ShardWorker:
         tables.write_rows(self.layout.shard_file("data", shard), good, self.schema)
         quarantine = self.layout.shard_file("quarantine", shard)
         if bad:
-            tables.write_rows(quarantine, bad, self.schema)
+            tables.write_rows(quarantine, bad, quarantine_schema(self.schema))
         else:
             storage.delete(quarantine)
         storage.write_json(self.layout.done_file(shard), stats)
@@ -221,10 +222,18 @@ class ShardWorker:
         return {"stats": out}
 
 
+def quarantine_schema(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with every field nullable: a bad row may lack what a good one must have (e.g. its id)."""
+    return pa.schema([f.with_nullable(True) for f in schema])
+
+
 def _unstorable(row: dict[str, Any], schema: pa.Schema) -> list[str]:
     """``field 'x' (Type: msg)`` for each value of ``row`` that Parquet cannot store as ``schema`` says."""
     problems = []
     for f in schema:
+        if not f.nullable and row.get(f.name) is None:
+            problems.append(f"field {f.name!r} (missing, and the schema requires it)")
+            continue
         try:
             pa.array([row.get(f.name)], type=f.type)
         except (pa.ArrowException, ValueError, TypeError, OverflowError) as e:
@@ -235,8 +244,9 @@ def _unstorable(row: dict[str, Any], schema: pa.Schema) -> list[str]:
 def split_storable(rows: list[dict], schema: pa.Schema) -> tuple[list[dict], list[tuple[dict, str]]]:
     """(rows Parquet can store, [(row, why not)] for the others, e.g. a lone surrogate in a string)."""
     try:
-        pa.Table.from_pylist(rows, schema=schema)
-        return rows, []
+        table = pa.Table.from_pylist(rows, schema=schema)
+        if not any(table.column(f.name).null_count for f in schema if not f.nullable):
+            return rows, []
     except (pa.ArrowException, ValueError, TypeError, OverflowError):
         pass
     ok, unstorable = [], []
@@ -372,7 +382,8 @@ def run_summary(agg: dict[str, Any], pricing, wall_s: float) -> tuple[dict[str, 
     prompt, completion = int(agg.get("prompt_tokens", 0)), int(agg.get("completion_tokens", 0))
     counts = {"rows_in": int(agg.get("rows_in", 0)), "rows_out": int(agg.get("rows_out", 0)),
               "quarantined": int(agg.get("quarantined", 0)), "shards": int(agg.get("shards", 0)),
-              "shards_committed": int(agg.get("shards_committed", 0))}
+              "shards_committed": int(agg.get("shards_committed", 0)),
+              "truncated_prompts": int(agg.get("truncated_prompts", 0))}
     usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
              "cached_responses": int(agg.get("cached", 0)),
              "estimated_cost": round(pricing.cost(prompt, completion), 6), "currency": pricing.currency,

@@ -21,6 +21,7 @@ def make_backend(cfg, cache_dir: Optional[str] = None) -> Backend:
 
         backend = HFBackend(cfg.model, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size,
                             trust_remote_code=cfg.trust_remote_code, max_input_tokens=cfg.max_input_tokens,
+                            truncate_prompts=cfg.truncate_prompts,
                             generation_kwargs=cfg.generation_kwargs)
     elif kind == "reference":
         from pipeline.backends.reference import ReferenceBackend

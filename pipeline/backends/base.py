@@ -61,6 +61,7 @@ class Completion:
     error: Optional[str] = None
     cached: bool = False
     finish_reason: Optional[str] = None
+    prompt_truncated: bool = False  # the backend cut the prompt to fit the model (counted in manifests)
 
 
 class BackendUnavailable(RuntimeError):

@@ -4,6 +4,11 @@ Loads any hub name, local directory or ``s3://`` directory (downloaded once), pi
 device automatically (CUDA, then MPS, then CPU) unless the config says otherwise, and
 generates a whole batch at once with left padding and the tokenizer's chat template.
 Inside Ray Data it is held by an actor, so the model loads once per actor.
+
+A prompt longer than the model takes (:attr:`HFBackend.prompt_limit`) is never cut silently:
+it comes back as an error Completion ("prompt of N tokens exceeds the model's M"), so its row
+goes to quarantine, unless ``truncate_prompts`` asks for its oldest tokens to be cut, and
+then the Completion says ``prompt_truncated`` (jobs count those in their manifest).
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
 
 class HFBackend(Backend):
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
-                 trust_remote_code: bool = False, max_input_tokens: int = 2048, generation_kwargs: dict | None = None):
+                 trust_remote_code: bool = False, max_input_tokens: int = 2048, generation_kwargs: dict | None = None,
+                 truncate_prompts: bool = False):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -59,6 +65,7 @@ class HFBackend(Backend):
         self.device = pick_device(device)
         self.batch_size = batch_size
         self.max_input_tokens = max_input_tokens
+        self.truncate_prompts = truncate_prompts
         self.generation_kwargs = dict(generation_kwargs or {})
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         self.tokenizer.padding_side = "left"
@@ -72,11 +79,18 @@ class HFBackend(Backend):
         self._torch = torch
         log.info("loaded %s on %s", model, self.device)
 
+    @property
+    def prompt_limit(self) -> int:
+        """The most prompt tokens this model takes: ``max_input_tokens``, and one less than its context."""
+        cfg = self.model.config
+        max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        return min(self.max_input_tokens, int(max_pos) - 1) if max_pos else self.max_input_tokens
+
     def _generate_chunk(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
         torch = self._torch
         prompts = [render_prompt(self.tokenizer, r.messages) for r in requests]
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
-                             max_length=self.max_input_tokens, add_special_tokens=False).to(self.device)
+                             max_length=self.prompt_limit, add_special_tokens=False).to(self.device)
         max_pos = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", None)
         max_new = params.max_tokens
         if max_pos:
@@ -108,7 +122,19 @@ class HFBackend(Backend):
         return completions
 
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
-        out: list[Completion] = []
-        for i in range(0, len(requests), self.batch_size):
-            out.extend(self._generate_chunk(requests[i : i + self.batch_size], params))
-        return out
+        limit = self.prompt_limit
+        lengths = [len(ids) for ids in self.tokenizer([render_prompt(self.tokenizer, r.messages) for r in requests],
+                                                       add_special_tokens=False)["input_ids"]]
+        out: list[Completion | None] = [None] * len(requests)
+        todo = []
+        for i, n in enumerate(lengths):
+            if n > limit and not self.truncate_prompts:
+                out[i] = Completion(error=f"prompt of {n} tokens exceeds the model's {limit}", prompt_tokens=n)
+            else:
+                todo.append(i)
+        for start in range(0, len(todo), self.batch_size):
+            idx = todo[start : start + self.batch_size]
+            for i, c in zip(idx, self._generate_chunk([requests[i] for i in idx], params)):
+                c.prompt_truncated = lengths[i] > limit
+                out[i] = c
+        return out  # type: ignore[return-value]

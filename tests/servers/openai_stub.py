@@ -11,7 +11,7 @@ its own event loop, and can misbehave on demand::
 
 Endpoints: ``POST /v1/chat/completions`` and ``GET /v1/models``. Completion text comes
 from ``responder(messages, body) -> str``, which may raise :class:`StubHTTPError` to
-answer with an error. Usage counts are whitespace token counts. It imports nothing
+answer with an error, or return a dict: the whole 200 JSON body, as is (odd bodies on demand). Usage counts are whitespace token counts. It imports nothing
 from the project.
 """
 
@@ -310,6 +310,8 @@ class OpenAIStubServer:
         except StubHTTPError as e:
             kind = "server_error" if e.status >= 500 else "invalid_request_error"
             return self._respond(e.status, _error_body(e.message, kind), e.headers)
+        if isinstance(text, dict):
+            return self._respond(200, text)
 
         finish = "stop"
         max_tokens = body.get("max_tokens")
