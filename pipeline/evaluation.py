@@ -4,6 +4,10 @@ For each dataset and setting: the dataset's metric (GSM8K exact match, DROP F1, 
 accuracy), decomposition quality against gold where gold exists (ROUGE-L, subquestion
 count match, parse rate), tokens per question split by decomposer and solver, estimated
 cost and the decomposer's share of it. Every figure carries its lineage.
+
+The headline score divides by *all* questions of a prediction set: a quarantined row (in
+``quarantine/``: its request failed, its input was bad) counts as wrong, as in the paper, so a
+system that fails more rows cannot score higher; ``coverage`` (answered / all) stands beside it.
 """
 
 from __future__ import annotations
@@ -48,21 +52,37 @@ def _mean(values: list[float]) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
+def _as_wrong(row: dict) -> dict:
+    """A quarantined row scored as a wrong answer (older outputs left its scores empty)."""
+    if not row.get("error"):
+        return row
+    tokens = {k: row.get(k) or 0 for k in ("decomposer_prompt_tokens", "decomposer_completion_tokens",
+                                           "solver_prompt_tokens", "solver_completion_tokens",
+                                           "decomposer_calls", "solver_calls")}
+    return {**row, **tokens, "correct": False, "em": 0.0, "f1": 0.0}
+
+
 def summarize(rows: list[dict], pricing: RolePricing) -> dict[str, Any]:
+    """Figures of one (setting, dataset): ``rows`` holds the answered and the quarantined rows."""
+    answered = [r for r in rows if not r.get("error")]
+    rows = [_as_wrong(r) for r in rows]
     n = len(rows)
     dec_tokens = [r["decomposer_prompt_tokens"] + r["decomposer_completion_tokens"] for r in rows]
     sol_tokens = [r["solver_prompt_tokens"] + r["solver_completion_tokens"] for r in rows]
     dec_cost = sum(pricing.decomposer.cost(r["decomposer_prompt_tokens"], r["decomposer_completion_tokens"]) for r in rows)
     sol_cost = sum(pricing.solver.cost(r["solver_prompt_tokens"], r["solver_completion_tokens"]) for r in rows)
     total_tokens = sum(dec_tokens) + sum(sol_tokens)
-    parsed = [r["decomposition_parsed"] for r in rows if r.get("decomposition_parsed") is not None]
+    parsed = [r["decomposition_parsed"] for r in answered if r.get("decomposition_parsed") is not None]
     return {
         "n": n,
+        "answered": len(answered),
+        "quarantined": n - len(answered),
+        "coverage": len(answered) / n if n else None,
         "accuracy": _mean([float(r["correct"]) for r in rows]),
         "em": _mean([r["em"] for r in rows]),
         "f1": _mean([r["f1"] for r in rows]),
-        "rouge_l": _mean([r.get("rouge_l") for r in rows]),
-        "count_match": _mean([r.get("count_match") for r in rows]),
+        "rouge_l": _mean([r.get("rouge_l") for r in answered]),
+        "count_match": _mean([r.get("count_match") for r in answered]),
         "parse_rate": _mean([float(p) for p in parsed]),
         "decomposer_tokens_per_q": sum(dec_tokens) / n if n else 0.0,
         "solver_tokens_per_q": sum(sol_tokens) / n if n else 0.0,
@@ -83,14 +103,17 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     for ref in cfg.settings:
         manifest = read_manifest(ref.predictions) or {}
         rows = tables.read_rows(storage.join(ref.predictions, "data"))
+        qpath = storage.join(ref.predictions, "quarantine")
+        quarantined = tables.read_rows(qpath) if storage.exists(qpath) else []
         mcfg = manifest.get("config", {})
         lineage = {"predictions": ref.predictions, "mode": mcfg.get("mode"), "decomposer": (mcfg.get("decomposer") or {}).get("model"),
                    "solver": (mcfg.get("solver") or {}).get("model"), "input": (mcfg.get("input") or {}).get("path"),
                    "prompt_version": rows[0]["prompt_version"] if rows else None, "rows": len(rows),
-                   "quarantined": (manifest.get("counts") or {}).get("quarantined")}
+                   "quarantined": len(quarantined)}
         results["settings"].append({"name": ref.name, "lineage": lineage})
-        for dataset in sorted({r["dataset"] for r in rows}):
-            s = summarize([r for r in rows if r["dataset"] == dataset], cfg.pricing)
+        every = rows + quarantined
+        for dataset in sorted({str(r["dataset"]) for r in every}):
+            s = summarize([r for r in every if str(r["dataset"]) == dataset], cfg.pricing)
             s.update(setting=ref.name, dataset=dataset, metric=METRIC_NAME.get(dataset, "accuracy"), score=primary(dataset, s))
             results["table"].append(s)
     out = cfg.output.dir
@@ -109,15 +132,17 @@ def _fmt(v: Any, pct: bool = False) -> str:
 
 
 def render_report(results: dict[str, Any], plots: list[str]) -> str:
-    lines = [f"# {results['title']}", "", "| dataset | setting | metric | score | n | ROUGE-L vs gold | count match | parse rate | "
-             "decomposer tok/q | solver tok/q | calls/q | decomposer token share | cost/q |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"# {results['title']}", "", "| dataset | setting | metric | score | coverage | n | ROUGE-L vs gold | count match | "
+             "parse rate | decomposer tok/q | solver tok/q | calls/q | decomposer token share | cost/q |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in results["table"]:
-        lines.append(f"| {s['dataset']} | {s['setting']} | {s['metric']} | {_fmt(s['score'], True)} | {s['n']} | "
+        lines.append(f"| {s['dataset']} | {s['setting']} | {s['metric']} | {_fmt(s['score'], True)} | "
+                     f"{_fmt(s['coverage'], True)} | {s['n']} | "
                      f"{_fmt(s['rouge_l'], True)} | {_fmt(s['count_match'], True)} | {_fmt(s['parse_rate'], True)} | {_fmt(s['decomposer_tokens_per_q'])} | "
                      f"{_fmt(s['solver_tokens_per_q'])} | {_fmt(s['calls_per_q'])} | {_fmt(s['decomposer_token_share'], True)} | "
                      f"{s['cost_per_q']:.5f} |")
-    lines += ["", "Scores and shares are percentages. Tokens are as counted by each backend (the offline reference "
+    lines += ["", "Scores and shares are percentages. A score divides by all n questions: a quarantined question counts "
+              "as wrong; coverage is the share answered. Tokens are as counted by each backend (the offline reference "
               "backends count words).", "", "## Lineage", ""]
     for st in results["settings"]:
         lin = st["lineage"]

@@ -97,14 +97,32 @@ def test_evaluate_on_fixed_predictions_gives_expected_table(tmp_path):
     assert table["gsm8k"]["cost_per_q"] == pytest.approx((10 + 10 + 30 + 30) / 1000)
     assert table["gsm8k"]["decomposer_cost_share"] == pytest.approx(0.25)
     report = open(os.path.join(out, "report.md")).read()
-    assert "| gsm8k | fixed | exact_match | 75.0 | 4 | – | – | 100.0 |" in report and "| drop | fixed | f1 | 75.0 | 2 |" in report
+    assert "| gsm8k | fixed | exact_match | 75.0 | 100.0 | 4 | – | – | 100.0 |" in report
+    assert "| drop | fixed | f1 | 75.0 | 100.0 | 2 |" in report
     assert os.path.getsize(os.path.join(out, "metric.png")) > 1000 and os.path.getsize(os.path.join(out, "tokens.png")) > 1000
     assert json.load(open(os.path.join(out, "results.json")))["settings"][0]["lineage"]["rows"] == 6
+
+
+def test_quarantined_questions_count_as_wrong_with_coverage_beside(tmp_path):
+    """The paper divides by all questions: 3 right of 4 answered + 1 quarantined is 60 %, coverage 80 %."""
+    pred = str(tmp_path / "pred")
+    tables.write_rows(os.path.join(pred, "data", "shard-00000.parquet"),
+                      [_fixed_row(i, "gsm8k", i < 3, float(i < 3)) for i in range(4)], INFER_SCHEMA)
+    failed = {**_fixed_row(4, "gsm8k", False, 0.0), "prediction": None, "em": None, "f1": None, "correct": None,
+              "error": "request gsm8k:t:4, stage input: input row has no 'question'"}
+    tables.write_rows(os.path.join(pred, "quarantine", "shard-00000.parquet"), [failed], INFER_SCHEMA)
+    results = evaluate(EvaluateConfig(settings=[SettingRef(name="q", predictions=pred)],
+                                      output=EvaluateOutput(dir=str(tmp_path / "eval"))))
+    (row,) = results["table"]
+    assert row["n"] == 5 and row["answered"] == 4 and row["quarantined"] == 1
+    assert row["score"] == pytest.approx(0.6) and row["accuracy"] == pytest.approx(0.6) and row["coverage"] == pytest.approx(0.8)
+    assert "| gsm8k | q | exact_match | 60.0 | 80.0 | 5 |" in open(tmp_path / "eval" / "report.md").read()
+    assert results["settings"][0]["lineage"]["quarantined"] == 1
 
 
 def test_evaluate_writes_to_s3(s3_bucket, tmp_path):
     pred = f"{s3_bucket}/pred"
     tables.write_rows(storage.join(pred, "data", "shard-00000.parquet"), [_fixed_row(0, "bamboogle", True, 1.0)], INFER_SCHEMA)
     evaluate(EvaluateConfig(settings=[SettingRef(name="s3", predictions=pred)], output=EvaluateOutput(dir=f"{s3_bucket}/eval")))
-    assert "| bamboogle | s3 | accuracy | 100.0 | 1 |" in storage.read_text(f"{s3_bucket}/eval/report.md")
+    assert "| bamboogle | s3 | accuracy | 100.0 | 100.0 | 1 |" in storage.read_text(f"{s3_bucket}/eval/report.md")
     assert storage.exists(f"{s3_bucket}/eval/metric.png")

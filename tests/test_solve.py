@@ -182,10 +182,17 @@ def test_openai_solver_all_datasets(ray_session, prepared_samples, tmp_path):
     acc = read_manifest(out)["accuracy"]
     for ds in ("gsm8k", "drop", "bamboogle"):
         mine = [r for r in good if r["dataset"] == ds]
-        assert acc[ds]["n"] == len(mine) and acc[ds]["correct"] == sum(r["correct"] for r in mine)
+        assert acc[ds]["answered"] == len(mine) and acc[ds]["correct"] == sum(r["correct"] for r in mine)
         assert acc[ds]["no_answer"] == sum(r["prediction"] is None for r in mine)
     assert acc["drop"]["no_answer"] + acc["bamboogle"]["no_answer"] > 0  # the bucket-0 case really happened
     assert acc["all"]["quarantined"] == 1
+    # the headline divides by all questions: the quarantined one counts as wrong; coverage beside it
+    qds = bad[0]["dataset"]
+    n_all = len([r for r in good + bad if r["dataset"] == qds])
+    assert acc[qds]["n"] == n_all and acc[qds]["answered"] == n_all - 1 and acc[qds]["quarantined"] == 1
+    assert acc[qds]["accuracy"] == pytest.approx(acc[qds]["correct"] / n_all, abs=1e-6)
+    assert acc[qds]["coverage"] == pytest.approx((n_all - 1) / n_all, abs=1e-6)
+    assert acc["all"]["n"] == len(rows) and acc["all"]["coverage"] < 1
 
 
 def test_config_and_input_errors(prepared_samples, generated, tmp_path, capsys):
