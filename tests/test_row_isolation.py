@@ -215,6 +215,30 @@ def test_prepare_stops_on_an_io_error_mid_stream_and_still_quarantines_bad_rows(
     assert len(good) == 39 and [r["location"] for r in bad] == ["line 3"]
 
 
+def test_a_source_removed_from_s3_mid_stream_stops_with_the_line_reached(s3_bucket):
+    """Real S3 (moto): the object goes away while it is read; the stream stops with the file and the
+    last line read, never with a quietly shorter corpus."""
+    import re
+
+    import boto3
+
+    from pipeline.data import SourceConfig, load_source
+    from pipeline.data.sources import SourceReadError
+
+    lines = open(os.path.join(SAMPLES, "gsm8k", "train_socratic.jsonl")).read().splitlines()
+    bucket, key = s3_bucket[len("s3://"):], "raw/train.jsonl"
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    s3.put_object(Bucket=bucket, Key=key, Body=("\n".join(lines) + "\n").encode())
+    rows = load_source(SourceConfig(dataset="gsm8k", path=f"{s3_bucket}/{key}", split="train"))
+    read = [next(rows) for _ in range(10)]
+    s3.delete_object(Bucket=bucket, Key=key)
+    with pytest.raises(SourceReadError) as e:
+        for row in rows:  # rows already buffered still come out, then the next read fails
+            read.append(row)
+    assert len(read) < len(lines) and f"{s3_bucket}/{key}" in str(e.value)
+    assert re.search(r"after line (\d+)", str(e.value)).group(1) == str(len(read))
+
+
 # ---------------------------------------------------------------------- context length, local HF model
 def test_overlong_prompts_are_quarantined_or_counted_when_truncation_is_asked(ray_session, prepared_samples,
                                                                                tiny_model_dir, tmp_path):
