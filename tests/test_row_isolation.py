@@ -240,6 +240,7 @@ def test_a_source_removed_from_s3_mid_stream_stops_with_the_line_reached(s3_buck
 
 
 # ---------------------------------------------------------------------- context length, local HF model
+@pytest.mark.slow
 def test_overlong_prompts_are_quarantined_or_counted_when_truncation_is_asked(ray_session, prepared_samples,
                                                                                tiny_model_dir, tmp_path):
     common = [f"input.path={prepared_samples}", "input.limit=3", "sampling.n=1", "sampling.max_tokens=4", "few_shot=false"]
