@@ -45,7 +45,9 @@ def read_rows(path: str, columns: Sequence[str] = ("id", "messages")) -> list[di
     dataset = pads.dataset(inner, filesystem=fs, format="parquet", exclude_invalid_files=False)
     names = set(dataset.schema.names)
     if "messages" not in names:
-        raise ValueError(f"{path}: no 'messages' column (found {sorted(names)})")
+        from pipeline.config import UsageError
+
+        raise UsageError(f"{path}: no 'messages' column (found {sorted(names)})")
     table = dataset.to_table(columns=[c for c in columns if c in names])
     rows = table.to_pylist()
     if "id" in names:
