@@ -11,6 +11,7 @@ from pipeline import storage, tables
 from pipeline.config import Strict
 from pipeline.data import SourceConfig, load_source
 from pipeline.schema import QUARANTINE_SCHEMA, QUESTION_SCHEMA, Question
+from pipeline.sharded import split_storable, storable_rows
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,13 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
 
         def flush(final: bool = False) -> None:
             nonlocal good, bad, part
+            good, unstorable = split_storable(good, QUESTION_SCHEMA)  # e.g. a lone surrogate from a JSON escape
+            bad = storable_rows(bad + [{"source": src.path, "location": r["id"], "raw": r["question"], "error": why}
+                                       for r, why in unstorable], QUARANTINE_SCHEMA)
+            counts["rows_out"] -= len(unstorable)
+            counts["quarantined"] += len(unstorable)
+            for r, _ in unstorable:
+                counts["by_dataset"][f"{src.dataset}/{src.split}"] -= 1
             if good or (final and part == 0):
                 tables.write_rows(storage.join(out, "data", f"part-{si:03d}-{part:05d}.parquet"), good, QUESTION_SCHEMA)
             if bad:

@@ -215,6 +215,24 @@ def test_prepare_stops_on_an_io_error_mid_stream_and_still_quarantines_bad_rows(
     assert len(good) == 39 and [r["location"] for r in bad] == ["line 3"]
 
 
+def test_prepare_quarantines_a_row_parquet_cannot_store(tmp_path):
+    """A JSON escape of a lone surrogate decodes to a string Parquet cannot encode: that row is
+    quarantined (escaped), the others are kept, the job exits 0."""
+    lines = open(os.path.join(SAMPLES, "gsm8k", "train_socratic.jsonl")).read().splitlines()[:5]
+    lines[1] = lines[1].replace('"question": "', '"question": "\\ud800 ', 1)
+    assert "\\ud800" in lines[1]
+    src = tmp_path / "raw.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    out = str(tmp_path / "prepared")
+    assert prepare.main(["--config", os.path.join(REPO, "configs", "prepare.yaml"),
+                         f"sources=[{{dataset: gsm8k, path: '{src}', split: train}}]", f"output.dir={out}"]) == 0
+    good, bad = read_out(out)
+    assert len(good) == 4 and len(bad) == 1 and bad[0]["location"] == "gsm8k:train:1"
+    assert "Parquet" in bad[0]["error"] and "surrogates not allowed" in bad[0]["error"] and "\\ud800" in bad[0]["raw"]
+    m = read_manifest(out)["counts"]
+    assert (m["rows_out"], m["quarantined"], m["by_dataset"]) == (4, 1, {"gsm8k/train": 4})
+
+
 def test_a_source_removed_from_s3_mid_stream_stops_with_the_line_reached(s3_bucket):
     """Real S3 (moto): the object goes away while it is read; the stream stops with the file and the
     last line read, never with a quietly shorter corpus."""
