@@ -91,6 +91,10 @@ class OpenAIStubServer:
         self.responder: Responder = responder or default_responder
         self.max_prompt_tokens = max_prompt_tokens
         self.port = port
+        # hold_until_inflight=N: every chat request waits (up to hold_timeout_s) until N are in flight
+        # at once, so a test can see whether a client overlaps its requests without timing anything.
+        self.hold_until_inflight: Optional[int] = None
+        self.hold_timeout_s = 20.0
 
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
@@ -244,6 +248,12 @@ class OpenAIStubServer:
             with self._lock:
                 self.inflight -= 1
 
+    async def _hold(self) -> None:
+        target = self.hold_until_inflight
+        deadline = time.monotonic() + self.hold_timeout_s
+        while target and self.max_inflight < target and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
     async def _chat_inner(self, request: web.Request) -> web.Response:
         raw = await request.read()
         try:
@@ -273,6 +283,7 @@ class OpenAIStubServer:
 
         if self.latency_s > 0:
             await asyncio.sleep(self.latency_s)
+        await self._hold()
         if outcome == "slow":
             with self._lock:
                 self.slow_count += 1
