@@ -40,8 +40,19 @@ def test_sharded_jobs_share_pool_output_and_cache_options(job):
         load_config(config_model(job), shipped(job), ["output.shard_size=0"])
 
 
-def test_unsafe_yaml_is_refused(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("input: !!python/object/apply:os.system ['echo pwned']\n")
-    with pytest.raises(ConfigError):
-        load_config(config_model("generate"), str(bad))
+@pytest.mark.parametrize("where", ["file", "override"])
+def test_unsafe_yaml_is_refused(tmp_path, where):
+    """A python tag is refused as YAML, not executed. Would an unsafe loader pass this? No: ``str('out')``
+    builds a valid value (so only the tag can make it fail), and ``os.mkdir`` leaves a trace if run."""
+    trace = tmp_path / "executed"
+    tagged = f"!!python/object/apply:os.mkdir ['{trace}']"
+    valid = "!!python/object/apply:str ['/tmp/out']"
+    if where == "file":
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(open(shipped("generate")).read() + f"cache_dir: {valid}\nlabel: {tagged}\n")
+        args: tuple = (str(bad),)
+    else:
+        args = (shipped("generate"), [f"cache_dir={valid}"])
+    with pytest.raises(ConfigError, match=r"not valid YAML.*python/object/apply"):
+        load_config(config_model("generate"), *args)
+    assert not trace.exists(), "the YAML loader ran code from a config"

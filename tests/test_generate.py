@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-
 import pytest
 
 from pipeline import storage, tables
 from pipeline.manifest import read_manifest
 from ray_jobs import generate, prepare
+from tests.cluster_harness import wait_for
 from tests.conftest import REPO
 from tests.servers.openai_stub import OpenAIStubServer
 
@@ -118,27 +117,35 @@ def test_s3_input_and_output(ray_session, s3_bucket, tmp_path):
 
 
 def test_killed_job_resumes_without_loss_or_duplicates(ray_session, prepared_samples, tmp_path):
+    """The teacher answers the first 12 requests (3 shards of 4, one actor) and holds every later one, so
+    the job is killed at a known point: exactly 3 shards committed, the 4th in flight. Nothing is timed."""
     out = str(tmp_path / "gen")
     address = ray_session.get_runtime_context().gcs_address
-    with OpenAIStubServer(latency_s=0.25, seed=2) as srv:
+    n_done = lambda: len(storage.list_files(os.path.join(out, "_done"), ".json"))  # noqa: E731
+    with OpenAIStubServer(latency_s=0.05, seed=2) as srv:
+        srv.hold_after_requests, srv.hold_timeout_s = 12, 600
+        teacher = "teacher={type: openai, model: stub, base_url: '" + srv.base_url + "', api_key_env: null, concurrency: 2, timeout_s: 600}"
         args = [sys.executable, "-m", "ray_jobs.generate", "--config", CONFIG, f"ray.address={address}",
                 f"input.path={prepared_samples}", f"output.dir={out}", "input.limit=48", "output.shard_size=4", "sampling.n=1",
-                "pool.max_actors=1", "teacher={type: openai, model: stub, base_url: '" + srv.base_url + "', api_key_env: null, concurrency: 2}"]
+                "pool.max_actors=1", teacher]
         proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while time.time() < deadline and len(storage.list_files(os.path.join(out, "_done"), ".json")) < 3:
-            time.sleep(0.2)
-        proc.kill()
-        proc.wait()
-        committed = len(storage.list_files(os.path.join(out, "_done"), ".json"))
-        assert 3 <= committed < 12, f"kill came too late to test resume ({committed} shards committed)"
+        try:
+            wait_for(lambda: (n_done() >= 3 and srv.counters()["held"] > 0) or proc.poll() is not None, 180,
+                     "3 committed shards and the 4th shard's requests held")
+            assert proc.poll() is None, f"the job ended (rc {proc.returncode}) before the kill"
+        finally:
+            proc.kill()
+            proc.wait()
+        # the killed job's actor dies with it; its held requests end when its connections close
+        wait_for(lambda: srv.counters()["held"] == 0, 120, "the killed job's actor to go away")
+        assert n_done() == 3
         first_run_requests = srv.counters()["requests"]
+        srv.hold_after_requests = None
         srv.reset_counters()
         # Rerun the same command in-process: only the uncommitted shards are redone.
         assert run_generate(f"ray.address={address}", f"input.path={prepared_samples}", f"output.dir={out}", "input.limit=48",
-                            "output.shard_size=4", "sampling.n=1",
-                            "teacher={type: openai, model: stub, base_url: '" + srv.base_url + "', api_key_env: null, concurrency: 2}") == 0
+                            "output.shard_size=4", "sampling.n=1", teacher) == 0
         second_run_requests = srv.counters()["requests"]
     assert_exactly_once(out, 48, 1)
-    assert second_run_requests <= 48 - committed * 4
-    assert first_run_requests + second_run_requests >= 48
+    assert second_run_requests == 48 - 3 * 4, "the rerun redid committed work (or sent a request twice)"
+    assert first_run_requests > 12

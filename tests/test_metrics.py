@@ -272,3 +272,66 @@ def test_primary_metric() -> None:
     assert primary_metric("generic", {"em": 0.2, "f1": 0.2, "correct": 0.4}) == 0.4
     with pytest.raises(ValueError):
         primary_metric("nope", s)
+
+
+# ------------------------------------------------------------------ scripts/check_drop_metric.py (the full-dev-set check)
+def _drop_check():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "check_drop_metric.py")
+    spec = importlib.util.spec_from_file_location("check_drop_metric", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_drop_check_script_agrees_on_the_shipped_sample(tmp_path) -> None:
+    import json
+    import os
+
+    check = _drop_check()
+    sample = os.path.join(os.path.dirname(check.DEFAULT_OUT), "..", "..", "data", "samples", "drop", "dev.jsonl")
+    out = tmp_path / "drop_metric.json"
+    assert check.main(["--data", sample, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["ok"] and result["data"]["questions"] == 60
+    for solver in result["solvers"].values():
+        assert solver["get_metrics"]["pairs"] > 1000 and solver["get_metrics_pairs_with_a_span_list"] > 100
+        assert solver["drop_em_f1"]["pairs"] > 500
+        assert solver["get_metrics"]["max_abs_diff_f1"] == solver["drop_em_f1"]["max_abs_diff_f1"] == 0.0
+
+
+def test_drop_check_script_reports_a_difference() -> None:
+    """The check can fail: against a 'reference' that skips the official 2-dp rounding it finds mismatches."""
+    import os
+    import types
+
+    check = _drop_check()
+    sample = os.path.join(os.path.dirname(check.DEFAULT_OUT), "..", "..", "data", "samples", "drop", "dev.jsonl")
+    questions = check.read_questions(sample, 20)
+
+    def unrounded(pred, gold):
+        em, _ = ref.get_metrics(pred, gold)
+        return em, float(np.mean(ref._align_bags(ref._answer_to_bags(pred)[1], ref._answer_to_bags(gold)[1])))
+
+    result = check.compare(questions, types.SimpleNamespace(get_metrics=unrounded))
+    assert result["get_metrics"]["pairs_over_tolerance"] > 0 and result["get_metrics"]["first_mismatches"]
+    assert 0 < result["get_metrics"]["max_abs_diff_f1"] < 0.01
+
+
+def test_committed_drop_results_cover_the_full_dev_set() -> None:
+    """benchmarks/results/drop_metric.json (what the README quotes) is a full, passing run."""
+    import json
+    import os
+
+    check = _drop_check()
+    result = json.load(open(check.DEFAULT_OUT))
+    assert result["data"]["questions"] == 9536 and result["data"]["gold_answers"] > 9536
+    assert result["data"]["sha256"] == "7a58d35552dc476699d87ee8af0254f63e9f00f5a7f6b8b033e11c933157e186"
+    assert result["ok"] and "scipy" in result["solvers"], "the committed run used the official scipy solver too"
+    for solver in result["solvers"].values():
+        for kind in ("get_metrics", "drop_em_f1"):
+            assert solver[kind]["pairs_over_tolerance"] == 0
+            assert max(solver[kind]["max_abs_diff_em"], solver[kind]["max_abs_diff_f1"]) <= 1e-6
+    assert result["solvers"]["scipy"]["get_metrics"]["pairs"] > 200_000

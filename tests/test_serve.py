@@ -19,7 +19,7 @@ TOKEN_ENV = "DIVCONQ_TEST_SERVE_TOKEN"
 TOKEN = "tok-3f9c1e7a5b2d4c68"  # a test value; the point is that it never shows up anywhere
 
 
-def _config(model_dir: str, port: int, **top):
+def _config(model_dir: str, port: int, decomposer: dict | None = None, **top):
     from pipeline.serving.app import load_serve_config
 
     deploy = dict(max_batch_size=8, batch_wait_timeout_s=0.25, num_replicas=1, max_ongoing_requests=32,
@@ -30,7 +30,7 @@ def _config(model_dir: str, port: int, **top):
         "route_prefix": "/",
         "blocking": False,
         "decomposer": {"model": model_dir, "served_name": SERVED, "device": "cpu", "dtype": "float32",
-                       "sampling": {"max_tokens": 12}, **deploy},
+                       "sampling": {"max_tokens": 12}, **deploy, **(decomposer or {})},
         "solver": {"backend": {"type": "hf", "model": model_dir, "device": "cpu", "dtype": "float32"},
                    "sampling": {"max_tokens": 12}, **deploy},
         "limits": {"max_question_chars": 500, "max_context_chars": 2000, "max_tokens": 64, "max_messages": 8,
@@ -370,6 +370,75 @@ def test_bearer_token_auth(served, monkeypatch):
                         leaked.append(name)
         assert not leaked, f"token found in Serve logs: {leaked}"
     finally:
+        shutdown(cfg.app_name)
+
+
+# ---------------------------------------------------------------- autoscaling at runtime
+def _replicas(app_name: str, deployment: str) -> dict[str, int]:
+    """Replica counts by state (RUNNING, STARTING, STOPPING, ...) from Serve's status API."""
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    if app is None or deployment not in app.deployments:
+        return {}
+    return {str(k).rsplit(".", 1)[-1]: v for k, v in app.deployments[deployment].replica_states.items() if v}
+
+
+def _wait_for(cond, timeout: float, what: str, on_timeout=lambda: "") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; {on_timeout()}")
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`look_back_period_s`:FutureWarning")  # vs the deprecated metrics_interval_s
+def test_decomposer_autoscales_up_under_load_and_back_down(served):
+    """A second app (route /auto) whose decomposer autoscales between 1 and 2 replicas with a target of
+    one ongoing request and short delays. Bounded load from this test (8 concurrent clients on 127.0.0.1)
+    takes it to 2 RUNNING replicas; once the load stops it goes back to 1. Both are waited for on Serve's
+    status API with deadlines. The ingress reports its handle's queue every 0.5 s (Serve's default is
+    10 s), handed to it through ``ingress_env``, as in test_bearer_token_auth."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.serving import shutdown, start
+
+    autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0,
+                   "downscale_delay_s": 2, "look_back_period_s": 2}
+    cfg = _config(served["model_dir"], served["cfg"].http.port, app_name="divconq-autoscale", route_prefix="/auto",
+                  decomposer={"num_replicas": None, "autoscaling": autoscaling, "ray_actor_options": {"num_cpus": 0.25}})
+    assert cfg.decomposer.deployment_options()["autoscaling_config"] == autoscaling
+    base = start(cfg, ingress_env={"RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"})
+    replicas = lambda: _replicas(cfg.app_name, "Decomposer")  # noqa: E731
+    stop, sent = threading.Event(), []
+
+    def client(i: int) -> None:
+        with httpx.Client(timeout=120) as c:
+            while not stop.is_set() and len(sent) < 2000:  # bounded even if the condition never comes
+                r = c.post(base + "/v1/chat/completions", json={
+                    "model": SERVED, "max_tokens": 8, "messages": [{"role": "user", "content": f"Question {i}: why?"}]})
+                sent.append(r.status_code)
+
+    try:
+        assert replicas() == {"RUNNING": 1}
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(client, i) for i in range(8)]
+            try:
+                _wait_for(lambda: replicas().get("RUNNING", 0) == 2, 180, "a second decomposer replica under load",
+                          lambda: f"replicas {replicas()}, {len(sent)} requests sent")
+            finally:
+                stop.set()
+            for f in futures:
+                f.result()
+        assert sent and set(sent) == {200}, sorted(set(sent))
+        _wait_for(lambda: replicas() == {"RUNNING": 1}, 180, "the decomposer back at one replica without load",
+                  lambda: f"replicas {replicas()}")
+        assert httpx.post(base + "/v1/chat/completions", timeout=60, json={
+            "model": SERVED, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}).status_code == 200
+    finally:
+        stop.set()
         shutdown(cfg.app_name)
 
 

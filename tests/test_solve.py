@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -18,6 +17,7 @@ from pipeline.metrics import score
 from pipeline.prompts import solver_messages
 from pipeline.solving import SOLVE_FIELDS, SOLVE_SCHEMA
 from ray_jobs import generate, solve
+from tests.cluster_harness import wait_for
 from tests.conftest import REPO
 from tests.servers.openai_stub import OpenAIStubServer, StubHTTPError
 
@@ -206,30 +206,37 @@ def test_config_and_input_errors(prepared_samples, generated, tmp_path, capsys):
 
 
 def test_killed_solve_resumes_without_loss_or_duplicates(ray_session, generated, tmp_path):
+    """The solver answers the first 12 requests (3 shards of 4, one actor) and holds every later one, so the
+    job is killed at a known point: exactly 3 shards committed, the 4th in flight. Nothing is timed."""
     out = str(tmp_path / "solve")
     address = ray_session.get_runtime_context().gcs_address
-    solver = "solver={type: openai, model: stub, base_url: 'URL', api_key_env: null, concurrency: 2}"
+    solver = "solver={type: openai, model: stub, base_url: 'URL', api_key_env: null, concurrency: 2, timeout_s: 600}"
     expected = {r["request_id"] for r in tables.read_rows(generated)}
-    with OpenAIStubServer(latency_s=0.2, seed=4) as srv:
+    done_markers = lambda: {f: storage.read_bytes(f) for f in storage.list_files(os.path.join(out, "_done"), ".json")}  # noqa: E731
+    with OpenAIStubServer(latency_s=0.05, seed=4) as srv:
+        srv.hold_after_requests, srv.hold_timeout_s = 12, 600
         common = [f"ray.address={address}", f"input.path={generated}", f"output.dir={out}", "output.shard_size=4",
                   solver.replace("URL", srv.base_url)]
         proc = subprocess.Popen([sys.executable, "-m", "ray_jobs.solve", "--config", CONFIG, *common, "pool.max_actors=1"],
                                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        while time.time() < deadline and len(storage.list_files(os.path.join(out, "_done"), ".json")) < 3:
-            time.sleep(0.1)
-        proc.kill()
-        proc.wait()
-        markers = {f: storage.read_bytes(f) for f in storage.list_files(os.path.join(out, "_done"), ".json")}
-        committed = len(markers)
-        assert 3 <= committed < 23, f"kill came too late to test resume ({committed} shards committed)"
+        try:
+            wait_for(lambda: (len(done_markers()) >= 3 and srv.counters()["held"] > 0) or proc.poll() is not None, 180,
+                     "3 committed shards and the 4th shard's requests held")
+            assert proc.poll() is None, f"the job ended (rc {proc.returncode}) before the kill"
+        finally:
+            proc.kill()
+            proc.wait()
+        wait_for(lambda: srv.counters()["held"] == 0, 120, "the killed job's actor to go away")
+        markers = done_markers()
+        assert len(markers) == 3
+        srv.hold_after_requests = None
         srv.reset_counters()
         assert run_solve(*common, "pool.max_actors=2") == 0
         second = srv.counters()["requests"]
     good = assert_exactly_once(out, expected)
-    # shards committed before the kill were not redone; the rest were (a request in flight at the kill may add a few)
+    # shards committed before the kill were not redone; every other request was sent once
     assert all(storage.read_bytes(f) == b for f, b in markers.items())
-    assert len(good) == 90 and second <= 90 - committed * 4 + 4
+    assert len(good) == 90 and second == 90 - 3 * 4
     assert read_manifest(out)["counts"]["shards_committed"] == 23
 
 

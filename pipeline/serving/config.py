@@ -13,7 +13,8 @@ Layout (see ``configs/serve.yaml``)::
 
 Deployment options (``decomposer``, ``solver``): ``max_batch_size`` and
 ``batch_wait_timeout_s`` feed ``@serve.batch``; ``num_replicas`` *or* ``autoscaling``
-({min_replicas, max_replicas, target_ongoing_requests}); ``max_ongoing_requests``
+({min_replicas, max_replicas, target_ongoing_requests, upscale_delay_s, downscale_delay_s,
+look_back_period_s}); ``max_ongoing_requests``
 (default ``max(2 * max_batch_size, 16)``: with fewer, waiting requests back off in the router instead of
 queueing in the replica; it must be at least ``max_batch_size`` or a batch can
 never fill); ``ray_actor_options`` ({num_cpus, num_gpus, resources}).
@@ -66,6 +67,11 @@ class AutoscalingOptions(Strict):
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(8.0, gt=0)
     initial_replicas: Optional[int] = Field(None, ge=0)
+    # Serve's own defaults when unset (30 s, 600 s, 30 s): scale up after load has lasted this long,
+    # down after it has been gone this long, averaging load over the look-back window.
+    upscale_delay_s: Optional[float] = Field(None, ge=0)
+    downscale_delay_s: Optional[float] = Field(None, ge=0)
+    look_back_period_s: Optional[float] = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> "AutoscalingOptions":

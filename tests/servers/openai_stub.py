@@ -91,6 +91,15 @@ class OpenAIStubServer:
         self.responder: Responder = responder or default_responder
         self.max_prompt_tokens = max_prompt_tokens
         self.port = port
+        # Holds, so tests can stop a client at a chosen point instead of timing it. A held chat request
+        # waits until its hold ends, its client disconnects, or hold_timeout_s passes:
+        # hold_until_inflight=N holds every request until N have been in flight at once (does the client
+        # overlap its requests?); hold_after_requests=N holds every request after the first N to arrive,
+        # until set back to None (a job can finish exactly the work those N requests carry).
+        self.hold_until_inflight: Optional[int] = None
+        self.hold_after_requests: Optional[int] = None
+        self.hold_timeout_s = 20.0
+        self.held = 0
 
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
@@ -205,6 +214,7 @@ class OpenAIStubServer:
                 "garbage": self.garbage_count,
                 "slow": self.slow_count,
                 "max_inflight": self.max_inflight,
+                "held": self.held,
             }
 
     def reset_counters(self) -> None:
@@ -234,15 +244,36 @@ class OpenAIStubServer:
     async def _chat(self, request: web.Request) -> web.Response:
         with self._lock:
             self.request_count += 1
+            arrival = self.request_count
             self.request_times.append(time.monotonic())
             self.auth_headers.append(request.headers.get("Authorization"))
             self.inflight += 1
             self.max_inflight = max(self.max_inflight, self.inflight)
         try:
+            await self._hold(request, arrival)
+            if request.transport is None:  # the client went away while held
+                return web.Response(status=499)
             return await self._chat_inner(request)
         finally:
             with self._lock:
                 self.inflight -= 1
+
+    def _must_hold(self, arrival: int) -> bool:
+        target, after = self.hold_until_inflight, self.hold_after_requests
+        return bool(target and self.max_inflight < target) or (after is not None and arrival > after)
+
+    async def _hold(self, request: web.Request, arrival: int) -> None:
+        if not self._must_hold(arrival):
+            return
+        deadline = time.monotonic() + self.hold_timeout_s
+        with self._lock:
+            self.held += 1
+        try:
+            while self._must_hold(arrival) and request.transport is not None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        finally:
+            with self._lock:
+                self.held -= 1
 
     async def _chat_inner(self, request: web.Request) -> web.Response:
         raw = await request.read()
