@@ -16,6 +16,7 @@ from pydantic import Field
 
 from pipeline import storage, tables
 from pipeline.config import PricingConfig, Strict
+from pipeline.cost import render_cost_section
 from pipeline.manifest import read_manifest
 from pipeline.metrics import METRIC_NAME
 
@@ -88,7 +89,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                    "solver": (mcfg.get("solver") or {}).get("model"), "input": (mcfg.get("input") or {}).get("path"),
                    "prompt_version": rows[0]["prompt_version"] if rows else None, "rows": len(rows),
                    "quarantined": (manifest.get("counts") or {}).get("quarantined")}
-        results["settings"].append({"name": ref.name, "lineage": lineage})
+        ledger = (manifest.get("usage") or {}).get("cost") or {}
+        results["settings"].append({"name": ref.name, "lineage": lineage, "cost": ledger.get("by_stage_model") or [],
+                                    "total_cost": ledger.get("total_cost"), "currency": ledger.get("currency", "USD")})
         for dataset in sorted({r["dataset"] for r in rows}):
             s = summarize([r for r in rows if r["dataset"] == dataset], cfg.pricing)
             s.update(setting=ref.name, dataset=dataset, metric=METRIC_NAME.get(dataset, "accuracy"), score=primary(dataset, s))
@@ -124,6 +127,7 @@ def render_report(results: dict[str, Any], plots: list[str]) -> str:
         lines.append(f"- **{st['name']}**: mode `{lin['mode']}`, decomposer `{lin['decomposer']}`, solver `{lin['solver']}`, "
                      f"prompt `{lin['prompt_version']}`, data `{lin['input']}`, {lin['rows']} rows "
                      f"({lin['quarantined'] or 0} quarantined), predictions `{lin['predictions']}`")
+    lines += render_cost_section(results["settings"])  # actual tokens and cost per stage and model
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
