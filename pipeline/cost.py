@@ -126,11 +126,11 @@ def cost_summary(totals: dict[str, Any], pricing: PricingConfig) -> dict[str, An
         if price is None and e["requests"]:
             unpriced.append(e["model"])
         cost = price_tokens(price, e["prompt_tokens"], e["completion_tokens"], e["mode"])
-        entries.append({**e, "cost": round(cost, 6), "price_source": source,
+        entries.append({**e, "cost": round(cost, 8), "price_source": source,
                         "prompt_per_1m": price.prompt_per_1m if price else None,
                         "completion_per_1m": price.completion_per_1m if price else None,
                         "batch_discount": price.batch_discount if price else None})
-    return {"by_stage_model": entries, "total_cost": round(sum(e["cost"] for e in entries), 6),
+    return {"by_stage_model": entries, "total_cost": round(sum(e["cost"] for e in entries), 8),
             "currency": pricing.currency, "unpriced": sorted(set(unpriced))}
 
 

@@ -254,7 +254,8 @@ class OpenAIBatchBackend(OpenAIBackend):
             return []
         lines = self._lines(list(requests), params)
         ids = [cid for cid, _ in lines]
-        key = hashlib.sha256(f"{self.base_url}|{self.name}|{'|'.join(ids)}".encode()).hexdigest()[:24]
+        scope = f"{self.state_dir}|{self.base_url}|{self.name}"  # one job's request set, never another job's
+        key = hashlib.sha256(f"{scope}|{'|'.join(ids)}".encode()).hexdigest()[:24]
         state = self._load_state(key, len(ids))
         results: dict[str, Completion] = {}
         collected: set[str] = set()

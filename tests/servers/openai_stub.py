@@ -497,10 +497,11 @@ class OpenAIStubServer:
                 "completed_at": None, "failed_at": None, "expired_at": None, "cancelled_at": None,
                 "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": body.get("metadata"),
                 "_created": time.monotonic(), "_outcome": forced}
-        return self._respond(200, self._batch_view(batch_id))
+        return self._respond(200, self._batch_view(batch_id, advance=False))
 
-    def _batch_view(self, batch_id: str) -> dict:
-        self._advance_batch(self.batches[batch_id])
+    def _batch_view(self, batch_id: str, advance: bool = True) -> dict:
+        if advance:  # batches move on when they are looked at (polled), like time passing at the provider
+            self._advance_batch(self.batches[batch_id])
         return {k: v for k, v in self.batches[batch_id].items() if not k.startswith("_")}
 
     def _advance_batch(self, b: dict) -> None:
