@@ -249,6 +249,7 @@ class OpenAIBackend(Backend):
             "rate_limit_wait_s": self._limiter.total_wait_s if self._limiter else 0.0,
             "throttled": self._gate.throttled if self._gate else 0,
             "min_concurrency": self._gate.min_width_seen if self._gate else self.config.concurrency,
+            "concurrency": self._gate.limit if self._gate else self.config.concurrency,
         }
 
     def _body(self, req: Request, params: SamplingParams) -> dict[str, Any]:
