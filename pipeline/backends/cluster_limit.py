@@ -4,9 +4,11 @@ A config's ``requests_per_minute`` / ``tokens_per_minute`` is the limit of the w
 many actors the pool runs (and however it scales). Each backend running inside a Ray actor asks a
 named limiter actor for a *reservation*: the limiter takes the request (and its estimated tokens)
 from its buckets at once, letting the level go negative, and answers how many seconds the caller
-must wait before sending. Reservations are handed out in call order, so the sends of all actors
-together are spaced at the configured rate (plus a burst of ``burst_s`` seconds of it), and a
-caller waits on its own side, so the limiter never blocks.
+may send, as a wall-clock time (so the time the answer spends travelling back does not shift the
+send). Reservations are handed out in call order, so the sends of all actors together are spaced
+at the configured rate (plus a burst of ``burst_s`` seconds of it), and a caller waits on its own
+side, so the limiter never blocks. (Across nodes, clock skew only shifts a node's sends by the
+skew; NTP keeps that to milliseconds.)
 
 The limiter is a named actor in the job's namespace, created by the first backend that needs it
 (``get_if_exists``) and fate-shared with it; if it dies (its owner went away), the next caller
@@ -91,7 +93,8 @@ def _actor_class():
             self.buckets = ReservationBuckets(rpm, tpm, burst_s)
 
         def reserve(self, tokens: float) -> float:
-            return self.buckets.reserve(tokens)
+            """The wall-clock time at which the caller may send."""
+            return time.time() + self.buckets.reserve(tokens)
 
         def refund(self, tokens: float) -> None:
             self.buckets.refund(tokens)
@@ -123,10 +126,11 @@ class ClusterRateLimiter:
         import ray
 
         try:
-            delay = await asyncio.wrap_future(self._actor().reserve.remote(tokens).future())
+            send_at = await asyncio.wrap_future(self._actor().reserve.remote(tokens).future())
         except ray.exceptions.RayActorError:  # its owner went away: the next caller makes a new one
             log.info("rate limiter %s is gone; starting a new one", self.name)
-            delay = await asyncio.wrap_future(self._actor(fresh=True).reserve.remote(tokens).future())
+            send_at = await asyncio.wrap_future(self._actor(fresh=True).reserve.remote(tokens).future())
+        delay = send_at - time.time()
         if delay > 0:
             await asyncio.sleep(delay)
             self.total_wait_s += delay
