@@ -3,7 +3,11 @@
 ``generate`` is synchronous (it runs inside a Ray Data ``map_batches`` actor): it drives
 a private asyncio event loop, created lazily on first use and reused across calls, and
 sends the batch's requests concurrently, at most ``config.concurrency`` in flight,
-through an :class:`~pipeline.backends.rate_limit.AsyncRateLimiter`.
+through a rate limiter: the job-wide one (:mod:`pipeline.backends.cluster_limit`) inside Ray
+actors, else an :class:`~pipeline.backends.rate_limit.AsyncRateLimiter`. The number in flight
+follows the provider (:class:`~pipeline.backends.rate_limit.AdaptiveConcurrency`): every
+response's ``x-ratelimit-*`` headers and 429s narrow it, headroom widens it back to the cap.
+With ``structured_output`` decomposer requests carry ``response_format`` (:mod:`pipeline.structured`).
 
 Failure policy, per request:
 
