@@ -125,18 +125,21 @@ def test_estimate_then_generate_with_structured_output_and_cost_ledger(ray_sessi
 def test_infer_manifest_and_evaluation_report_carry_cost_per_stage_and_model(ray_session, prepared_samples, tmp_path):
     preds = str(tmp_path / "infer")
     with OpenAIStubServer() as srv:
-        solver = "solver={type: openai, model: gpt-4o, base_url: '" + srv.base_url + "', api_key_env: null}"
+        solver = ("solver={type: openai, model: gpt-4o, base_url: '" + srv.base_url + "', api_key_env: null, mode: batch, "
+                  "batch: {poll_interval_s: 0.05}}")  # the solver through the Batch API
         assert infer.main(["--config", os.path.join(REPO, "configs", "infer.yaml"), f"input.path={prepared_samples}",
                            f"output.dir={preds}", "input.limit=5", solver]) == 0
     ledger = read_manifest(preds)["usage"]["cost"]["by_stage_model"]
     by = {(e["stage"], e["model"]): e for e in ledger}
     assert set(by) == {("decomposer", "reference-gold"), ("solver", "gpt-4o")}
-    assert by[("solver", "gpt-4o")]["requests"] == 5 and by[("solver", "gpt-4o")]["cost"] > 0
+    sol = by[("solver", "gpt-4o")]
+    assert (sol["requests"], sol["mode"]) == (5, "batch") and len(srv.batches) == 1 and srv.request_count == 0
+    assert sol["cost"] == pytest.approx((sol["prompt_tokens"] * 2.5 + sol["completion_tokens"] * 10.0) / 1e6 * 0.5, abs=1e-8)
     assert by[("decomposer", "reference-gold")]["cost"] == 0
     report_dir = str(tmp_path / "eval")
     assert evaluate.main(["--config", os.path.join(REPO, "configs", "evaluate.yaml"), "settings=[{name: s1, predictions: '"
                           + preds + "'}]", f"output.dir={report_dir}"]) == 0
     report = storage.read_text(storage.join(report_dir, "report.md"))
     assert "## Cost (actual, from each run's manifest)" in report
-    line = next(ln for ln in report.splitlines() if ln.startswith("| s1 | solver | gpt-4o |"))
+    line = next(ln for ln in report.splitlines() if ln.startswith("| s1 | solver | gpt-4o | batch |"))
     assert f"| {by[('solver', 'gpt-4o')]['prompt_tokens']} |" in line and f"{by[('solver', 'gpt-4o')]['cost']:.6f} USD" in line

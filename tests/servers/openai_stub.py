@@ -110,6 +110,7 @@ class OpenAIStubServer:
         self.files: dict[str, dict] = {}
         self.batches: dict[str, dict] = {}
         self.batch_requests = 0  # chat requests answered inside batches
+        self.file_download_times: list[float] = []  # time.monotonic() of each file content download
 
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
@@ -443,6 +444,7 @@ class OpenAIStubServer:
             return self._respond(404, _error_body(f"No such File object: {file_id}", "invalid_request_error"))
         with self._lock:
             self.status_counts[200] += 1
+            self.file_download_times.append(time.monotonic())
         return web.Response(body=self.files[file_id]["content"], content_type="application/octet-stream")
 
     # ------------------------------------------------------------ Batch API
