@@ -92,9 +92,10 @@ def _actor_class():
         def __init__(self, rpm: Optional[float], tpm: Optional[float], burst_s: float) -> None:
             self.buckets = ReservationBuckets(rpm, tpm, burst_s)
 
-        def reserve(self, tokens: float) -> float:
-            """The wall-clock time at which the caller may send."""
-            return time.time() + self.buckets.reserve(tokens)
+        def reserve_many(self, tokens: list[float]) -> list[float]:
+            """Wall-clock times at which the caller may send each of its requests, in order."""
+            now = time.time()
+            return [now + self.buckets.reserve(t) for t in tokens]
 
         def refund(self, tokens: float) -> None:
             self.buckets.refund(tokens)
@@ -114,22 +115,45 @@ class ClusterRateLimiter:
         self._handle: Any = None
         self.total_wait_s = 0.0
         self.enabled = bool(rpm or tpm)
+        # Waiters of this process go to the limiter together, one call at a time: on a busy machine a call
+        # per request would make the limiter actor itself the bottleneck.
+        self._pending: list[tuple[float, asyncio.Future]] = []
+        self._pump: Optional[asyncio.Future] = None
 
     def _actor(self, fresh: bool = False) -> Any:
         if self._handle is None or fresh:
             self._handle = _actor_class().options(name=self.name, get_if_exists=True, lifetime=None).remote(*self._args)
         return self._handle
 
-    async def acquire(self, tokens: int = 0) -> float:
-        if not self.enabled:
-            return 0.0
+    async def _reserve(self, tokens: list[float]) -> list[float]:
         import ray
 
         try:
-            send_at = await asyncio.wrap_future(self._actor().reserve.remote(tokens).future())
+            return await asyncio.wrap_future(self._actor().reserve_many.remote(tokens).future())
         except ray.exceptions.RayActorError:  # its owner went away: the next caller makes a new one
             log.info("rate limiter %s is gone; starting a new one", self.name)
-            send_at = await asyncio.wrap_future(self._actor(fresh=True).reserve.remote(tokens).future())
+            return await asyncio.wrap_future(self._actor(fresh=True).reserve_many.remote(tokens).future())
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                times = await self._reserve([t for t, _ in batch])
+            except Exception as e:  # hand the failure to every waiter of this call
+                for _, fut in batch:
+                    fut.set_exception(e)
+                continue
+            for (_, fut), send_at in zip(batch, times):
+                fut.set_result(send_at)
+
+    async def acquire(self, tokens: int = 0) -> float:
+        if not self.enabled:
+            return 0.0
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((float(tokens), fut))
+        if self._pump is None or self._pump.done():
+            self._pump = asyncio.ensure_future(self._drain())
+        send_at = await fut
         delay = send_at - time.time()
         if delay > 0:
             await asyncio.sleep(delay)
