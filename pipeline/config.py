@@ -46,10 +46,22 @@ class SamplingConfig(Strict):
     stop: list[str] = Field(default_factory=list)
 
 
+class ModelPrice(Strict):
+    prompt_per_1m: float = Field(..., ge=0.0, description="Price per 1M prompt tokens.")
+    completion_per_1m: float = Field(..., ge=0.0, description="Price per 1M completion tokens.")
+    batch_discount: float = Field(0.5, ge=0.0, le=1.0, description="Fraction of the online price paid in batch mode.")
+
+
 class PricingConfig(Strict):
+    """Prices for the cost ledger. Set ``prompt_per_1k``/``completion_per_1k`` to price every model the same;
+    otherwise each model is priced from ``models`` here, then ``table`` (a YAML file), then the shipped
+    ``pipeline/prices.yaml`` (unknown models cost 0 and are flagged ``unpriced``)."""
+
     prompt_per_1k: float = Field(0.0, ge=0.0, description="Price per 1k prompt tokens (any currency).")
     completion_per_1k: float = Field(0.0, ge=0.0)
     currency: str = "USD"
+    models: dict[str, ModelPrice] = Field(default_factory=dict, description="Per-model prices overriding the table.")
+    table: Optional[str] = Field(None, description="A price table YAML (local or s3://) replacing the shipped one.")
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return prompt_tokens / 1000 * self.prompt_per_1k + completion_tokens / 1000 * self.completion_per_1k
@@ -72,13 +84,34 @@ class OpenAIBackendConfig(Strict):
     model: str
     api_key_env: Optional[str] = Field("OPENAI_API_KEY", description="Name of the env var holding the key (never the key).")
     concurrency: int = Field(8, ge=1, description="In-flight requests per actor.")
-    requests_per_minute: Optional[float] = Field(None, gt=0, description="Per-actor request rate limit.")
-    tokens_per_minute: Optional[float] = Field(None, gt=0, description="Per-actor token rate limit.")
+    requests_per_minute: Optional[float] = Field(None, gt=0, description="Request rate limit of the whole job (see rate_limit_scope).")
+    tokens_per_minute: Optional[float] = Field(None, gt=0, description="Token rate limit of the whole job (see rate_limit_scope).")
+    rate_limit_scope: Literal["job", "actor"] = Field("job", description="job: the limits are shared by all actors of a job "
+                                                      "(a limiter actor); actor: each actor gets the full limit.")
+    rate_limit_burst_s: float = Field(1.0, gt=0, description="Burst allowance of the limiters, in seconds of the limit.")
+    adaptive_concurrency: bool = Field(True, description="Follow the provider's x-ratelimit-* headers and 429s: shrink "
+                                       "in-flight requests, grow back to `concurrency` when headroom returns.")
+    mode: Literal["online", "batch"] = Field("online", description="batch: the provider's Batch API (half price, hours).")
+    batch: "OpenAIBatchConfig" = Field(default_factory=lambda: OpenAIBatchConfig())
+    structured_output: bool = Field(False, description="Ask for the subquestion list as JSON (response_format json_schema).")
+    tokenizer: Optional[str] = Field(None, description="Local HF tokenizer dir for `divconq estimate` (else ~4 chars/token).")
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(6, ge=0)
     backoff_base_s: float = Field(0.5, ge=0)
     backoff_max_s: float = Field(30.0, ge=0)
     extra_body: dict[str, Any] = Field(default_factory=dict)
+
+
+class OpenAIBatchConfig(Strict):
+    completion_window: str = "24h"
+    poll_interval_s: float = Field(30.0, gt=0, description="Seconds between status polls of an in-flight batch.")
+    max_requests: int = Field(50_000, ge=1, description="Provider limit: requests per batch (larger shards are split).")
+    max_file_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="Provider limit: size of a batch input file.")
+    max_submissions: int = Field(3, ge=1, description="Batches per request set: expired/failed requests are resubmitted.")
+    max_wait_s: Optional[float] = Field(None, gt=0, description="Give up (job stops, resumable) after this long.")
+
+
+OpenAIBackendConfig.model_rebuild()
 
 
 class HFBackendConfig(Strict):
@@ -109,6 +142,7 @@ class VLLMBackendConfig(Strict):
     concurrency: int = Field(1, ge=1)
     batch_size: int = Field(64, ge=1)
     accelerator_type: Optional[str] = None
+    structured_output: bool = Field(False, description="vLLM guided decoding of the subquestion list as JSON.")
 
 
 BackendConfig = Annotated[

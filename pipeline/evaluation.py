@@ -20,6 +20,7 @@ from pydantic import Field
 
 from pipeline import storage, tables
 from pipeline.config import PricingConfig, Strict
+from pipeline.cost import render_cost_section
 from pipeline.manifest import read_manifest
 from pipeline.metrics import METRIC_NAME
 
@@ -110,7 +111,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                    "solver": (mcfg.get("solver") or {}).get("model"), "input": (mcfg.get("input") or {}).get("path"),
                    "prompt_version": rows[0]["prompt_version"] if rows else None, "rows": len(rows),
                    "quarantined": len(quarantined)}
-        results["settings"].append({"name": ref.name, "lineage": lineage})
+        ledger = (manifest.get("usage") or {}).get("cost") or {}
+        results["settings"].append({"name": ref.name, "lineage": lineage, "cost": ledger.get("by_stage_model") or [],
+                                    "total_cost": ledger.get("total_cost"), "currency": ledger.get("currency", "USD")})
         every = rows + quarantined
         for dataset in sorted({str(r["dataset"]) for r in every}):
             s = summarize([r for r in every if str(r["dataset"]) == dataset], cfg.pricing)
@@ -149,6 +152,7 @@ def render_report(results: dict[str, Any], plots: list[str]) -> str:
         lines.append(f"- **{st['name']}**: mode `{lin['mode']}`, decomposer `{lin['decomposer']}`, solver `{lin['solver']}`, "
                      f"prompt `{lin['prompt_version']}`, data `{lin['input']}`, {lin['rows']} rows "
                      f"({lin['quarantined'] or 0} quarantined), predictions `{lin['predictions']}`")
+    lines += render_cost_section(results["settings"])  # actual tokens and cost per stage and model
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"

@@ -15,12 +15,15 @@ import pyarrow as pa
 from pydantic import Field, TypeAdapter
 
 from pipeline.backends import Request, SamplingParams, make_backend
+from pipeline.backends.openai_batch import chunk_size
+from pipeline.cost import ledger_usage
 from pipeline.config import BackendConfig, SamplingConfig
 from pipeline.outputs import ShardedJobConfig
-from pipeline.parsing import ParseError, parse_subquestions
+from pipeline.parsing import ParseError
 from pipeline.prompts import PROMPT_VERSION, decomposer_messages
 from pipeline.schema import QUESTION_SCHEMA
 from pipeline.sharded import ShardWorker, exception_cause, row_error
+from pipeline.structured import parse_decomposition
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +99,11 @@ class DecomposeWorker(ShardWorker):
     def __init__(self, out_dir: str, teacher: dict, sampling: dict, few_shot: bool, max_subquestions: int,
                  cache_dir: Optional[str] = None, batch_size: int = 16):
         super().__init__(out_dir)
-        self.backend = make_backend(_backend_adapter.validate_python(teacher), cache_dir)
+        self.backend = make_backend(_backend_adapter.validate_python(teacher), cache_dir, job_dir=out_dir)
         self.params = SamplingParams.from_config(SamplingConfig(**sampling))
         self.few_shot = few_shot
         self.max_subquestions = max_subquestions
-        self.batch_size = batch_size
+        self.batch_size = chunk_size(self.backend, batch_size)  # a Batch-API teacher takes the whole shard
 
     def process(self, rows):
         good, bad, completions = [], [], []
@@ -123,7 +126,7 @@ class DecomposeWorker(ShardWorker):
                 except Exception as e:  # per row: anything odd in this answer quarantines this row only
                     out = {**row, "error": row_error(row, "parse", exception_cause(e))}
                 (bad if out["error"] else good).append(out)
-        return good, bad, usage_of(completions)
+        return good, bad, {**usage_of(completions), **ledger_usage("decomposer", self.backend, completions)}
 
     def finish(self, row: dict[str, Any], c) -> dict[str, Any]:
         """The output row for one completion (``error`` set: it goes to quarantine)."""
@@ -135,7 +138,7 @@ class DecomposeWorker(ShardWorker):
             out["error"] = f"teacher error for request {row['request_id']}: {c.error}"
             return out
         try:
-            out["subquestions"] = parse_subquestions(c.text, self.max_subquestions)
+            out["subquestions"] = parse_decomposition(c.text, self.max_subquestions)
         except ParseError as e:
             out["error"] = f"parse error for request {row['request_id']}: {e}"
         return out

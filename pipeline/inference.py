@@ -25,9 +25,12 @@ from pydantic import Field, TypeAdapter
 
 from pipeline import metrics, prompts
 from pipeline.backends import Request, SamplingParams, make_backend
+from pipeline.backends.openai_batch import chunk_size
+from pipeline.cost import backend_mode, ledger_counts, merge
 from pipeline.config import BackendConfig, SamplingConfig
 from pipeline.outputs import ShardedJobConfig
-from pipeline.parsing import ParseError, extract_answer, parse_dynamic_step, parse_solver_output, parse_subquestions
+from pipeline.parsing import ParseError, extract_answer, parse_dynamic_step, parse_solver_output
+from pipeline.structured import parse_decomposition
 from pipeline.schema import QUESTION_SCHEMA
 from pipeline.sharded import ShardWorker, exception_cause, row_error
 from pipeline.backends.reference import gold_pairs
@@ -108,11 +111,11 @@ class InferWorker(ShardWorker):
         super().__init__(out_dir)
         self.cfg = InferConfig.model_validate(cfg)
         c = self.cfg
-        self.solver = make_backend(c.solver, c.cache_dir)
-        self.decomposer = make_backend(c.decomposer, c.cache_dir) if c.decomposer is not None else None
+        self.solver = make_backend(c.solver, c.cache_dir, job_dir=out_dir)
+        self.decomposer = make_backend(c.decomposer, c.cache_dir, job_dir=out_dir) if c.decomposer is not None else None
         self.dec_params = SamplingParams.from_config(c.decomposer_sampling)
         self.sol_params = SamplingParams.from_config(c.solver_sampling)
-        self.batch_size = batch_size
+        self.batch_size = max(chunk_size(b, batch_size) for b in (self.solver, self.decomposer) if b is not None)
 
     # ---- one stage over many rows: batched backend calls ----
     def _call(self, backend, role: str, rows: list[dict], messages: list, params) -> list:
@@ -129,7 +132,7 @@ class InferWorker(ShardWorker):
                 st["error"] = f"decomposer error: {o.error}"
                 continue
             try:
-                st["subquestions"], st["decomposition_parsed"] = parse_subquestions(o.text), True
+                st["subquestions"], st["decomposition_parsed"] = parse_decomposition(o.text), True
             except ParseError:  # an unparseable decomposition counts as "no decomposition" and is recorded
                 st["subquestions"], st["decomposition_parsed"] = [], False
         live = [(r, st) for r, st in zip(rows, states) if not st.get("error")]
@@ -221,7 +224,17 @@ class InferWorker(ShardWorker):
                 usage["prompt_tokens"] += out["decomposer_prompt_tokens"] + out["solver_prompt_tokens"]
                 usage["completion_tokens"] += out["decomposer_completion_tokens"] + out["solver_completion_tokens"]
                 (bad if out["error"] else good).append(out)
-        return good, bad, usage
+        return good, bad, merge(usage, self._ledger(good + bad))
+
+    def _ledger(self, rows: list[dict]) -> dict[str, float]:
+        """Cost-ledger counters per stage and model from the rows' per-stage tallies."""
+        out = []
+        for stage, backend in (("decomposer", self.decomposer), ("solver", self.solver)):
+            if backend is not None:
+                out.append(ledger_counts(stage, backend.name, backend_mode(backend), sum(r[f"{stage}_calls"] for r in rows),
+                                         sum(r[f"{stage}_prompt_tokens"] for r in rows),
+                                         sum(r[f"{stage}_completion_tokens"] for r in rows)))
+        return merge(*out)
 
     def _row(self, row: dict, st: dict, latency: float) -> dict[str, Any]:
         """The output row of one question; one with an ``error`` is not scored (it counts as wrong)."""

@@ -32,6 +32,8 @@ import pyarrow as pa
 from pydantic import Field, TypeAdapter, field_validator
 
 from pipeline.backends import Request, SamplingParams, make_backend
+from pipeline.backends.openai_batch import chunk_size
+from pipeline.cost import ledger_usage
 from pipeline.config import BackendConfig, SamplingConfig, UsageError
 from pipeline.generation import GENERATE_SCHEMA, input_problem, usage_of
 from pipeline.metrics import METRIC_NAME, score
@@ -122,11 +124,11 @@ class SolveWorker(ShardWorker):
         super().__init__(out_dir)
         if schema is not None:
             self.schema = schema
-        self.backend = make_backend(_backend_adapter.validate_python(solver), cache_dir)
+        self.backend = make_backend(_backend_adapter.validate_python(solver), cache_dir, job_dir=out_dir)
         self.params = SamplingParams.from_config(SamplingConfig(**sampling))
         self.few_shot = few_shot
         self.drop_f1_threshold = drop_f1_threshold
-        self.batch_size = batch_size
+        self.batch_size = chunk_size(self.backend, batch_size)  # a Batch-API solver takes the whole shard
 
     def request(self, row: dict[str, Any]) -> Request:
         subqs = list(row["subquestions"] or [])
@@ -182,7 +184,8 @@ class SolveWorker(ShardWorker):
                 except Exception as e:  # per row: an odd answer or gold field quarantines this row only
                     out = {**row, "error": row_error(row, "score", exception_cause(e))}
                 (bad if out["error"] else good).append(out)
-        return good, bad, {**usage_of(completions), **accuracy_counters(good, bad)}
+        return good, bad, {**usage_of(completions), **accuracy_counters(good, bad),
+                           **ledger_usage("solver", self.backend, completions)}
 
 
 def accuracy_counters(good: list[dict], bad: list[dict]) -> dict[str, float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-JOBS = ("prepare", "generate", "solve", "select", "train", "serve", "infer", "evaluate", "quickstart")
+JOBS = ("prepare", "generate", "solve", "select", "train", "serve", "infer", "evaluate", "quickstart", "estimate")
 
 
 

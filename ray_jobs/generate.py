@@ -13,6 +13,7 @@ import sys
 import time
 
 from pipeline.generation import DecomposeWorker, GenerateConfig, expand_samples
+from pipeline.cost import add_cost
 from pipeline.jobs import init_ray, parse_job_args, run_main
 from pipeline.manifest import write_manifest
 from pipeline.outputs import filtered_rows
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         totals = run_shards(layout, shards, DecomposeWorker, worker_kwargs, cfg.pool, "generate",
                             secret_env=[getattr(cfg.teacher, "api_key_env", None)])
         counts, usage = run_summary(totals, cfg.pricing, time.time() - started)
+        add_cost(usage, totals, cfg.pricing)  # actual tokens and cost per stage, model and mode
         write_manifest(cfg.output.dir, "generate", cfg, inputs={"questions": cfg.input.path}, counts=counts,
                        started_at=started, usage=usage)
         log.info("generate done: %s | tokens %d | est. cost %.4f %s -> %s", counts, usage["total_tokens"],

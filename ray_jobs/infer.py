@@ -14,6 +14,7 @@ import time
 
 from pipeline.inference import InferConfig, InferWorker, as_requests
 from pipeline.config import UsageError
+from pipeline.cost import add_cost
 from pipeline.jobs import init_ray, parse_job_args, run_main
 from pipeline.manifest import write_manifest
 from pipeline.outputs import filtered_rows
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         totals = run_shards(layout, shards, InferWorker, {"cfg": cfg.model_dump(), "batch_size": cfg.pool.batch_size},
                             cfg.pool, f"infer[{cfg.setting}]", secret_env=secrets)
         counts, usage = run_summary(totals, cfg.pricing, time.time() - started)
+        add_cost(usage, totals, cfg.pricing)  # actual tokens and cost per stage, model and mode
         write_manifest(cfg.output.dir, "infer", cfg, inputs={"questions": cfg.input.path}, counts=counts,
                        started_at=started, usage=usage, extra={"setting": cfg.setting, "mode": cfg.mode})
         log.info("infer[%s] done: %s -> %s", cfg.setting, counts, cfg.output.dir)

@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 
+from pipeline.cost import add_cost
 from pipeline.jobs import init_ray, parse_job_args, run_main
 from pipeline.manifest import write_manifest
 from pipeline.outputs import filtered_rows
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         totals = run_shards(layout, shards, SolveWorker, worker_kwargs, cfg.pool, "solve",
                             secret_env=[getattr(cfg.solver, "api_key_env", None)])
         counts, usage = run_summary(totals, cfg.pricing, time.time() - started)
+        add_cost(usage, totals, cfg.pricing)  # actual tokens and cost per stage, model and mode
         accuracy = accuracy_summary(totals)
         counts["parse_warnings"] = int(totals.get("parse_warnings", 0))
         write_manifest(cfg.output.dir, "solve", cfg, inputs={"decompositions": cfg.input.path}, counts=counts,

@@ -9,13 +9,19 @@ from pipeline.backends.base import Backend, BackendUnavailable, Completion, Requ
 __all__ = ["Backend", "BackendUnavailable", "Completion", "Request", "SamplingParams", "make_backend"]
 
 
-def make_backend(cfg, cache_dir: Optional[str] = None) -> Backend:
-    """Build the backend a config section describes (``type``: openai | hf | reference | vllm)."""
+def make_backend(cfg, cache_dir: Optional[str] = None, job_dir: Optional[str] = None) -> Backend:
+    """Build the backend a config section describes (``type``: openai | hf | reference | vllm).
+
+    ``job_dir`` is the job's output dir: a batch-mode teacher keeps its batch ids there (resume)."""
     kind = cfg.type
-    if kind == "openai":
+    if kind == "openai" and cfg.mode == "batch":
+        from pipeline.backends.openai_batch import OpenAIBatchBackend
+
+        backend: Backend = OpenAIBatchBackend(cfg, job_dir=job_dir)
+    elif kind == "openai":
         from pipeline.backends.openai_http import OpenAIBackend
 
-        backend: Backend = OpenAIBackend(cfg)
+        backend = OpenAIBackend(cfg)
     elif kind == "hf":
         from pipeline.backends.hf_local import HFBackend
 
@@ -30,7 +36,7 @@ def make_backend(cfg, cache_dir: Optional[str] = None) -> Backend:
     elif kind == "vllm":
         from pipeline.backends.vllm_engine import VLLMBackend
 
-        backend = VLLMBackend(cfg.model, engine_kwargs=cfg.engine_kwargs)
+        backend = VLLMBackend(cfg.model, engine_kwargs=cfg.engine_kwargs, structured_output=cfg.structured_output)
     else:  # pragma: no cover - pydantic rejects unknown types first
         raise ValueError(f"unknown backend type {kind!r}")
     if cache_dir:

@@ -3,7 +3,11 @@
 ``generate`` is synchronous (it runs inside a Ray Data ``map_batches`` actor): it drives
 a private asyncio event loop, created lazily on first use and reused across calls, and
 sends the batch's requests concurrently, at most ``config.concurrency`` in flight,
-through an :class:`~pipeline.backends.rate_limit.AsyncRateLimiter`.
+through a rate limiter: the job-wide one (:mod:`pipeline.backends.cluster_limit`) inside Ray
+actors, else an :class:`~pipeline.backends.rate_limit.AsyncRateLimiter`. The number in flight
+follows the provider (:class:`~pipeline.backends.rate_limit.AdaptiveConcurrency`): every
+response's ``x-ratelimit-*`` headers and 429s narrow it, headroom widens it back to the cap.
+With ``structured_output`` decomposer requests carry ``response_format`` (:mod:`pipeline.structured`).
 
 Failure policy, per request:
 
@@ -41,7 +45,9 @@ from typing import Any, Optional, Union
 import httpx
 
 from pipeline.backends.base import Backend, BackendUnavailable, Completion, Request, SamplingParams
-from pipeline.backends.rate_limit import AsyncRateLimiter
+from pipeline.backends.cluster_limit import make_rate_limiter
+from pipeline.backends.rate_limit import AdaptiveConcurrency, AsyncRateLimiter
+from pipeline.structured import structured_request_fields
 from pipeline.config import OpenAIBackendConfig, secret_from_env
 
 logger = logging.getLogger(__name__)
@@ -158,6 +164,7 @@ class OpenAIBackend(Backend):
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._client: Optional[httpx.AsyncClient] = None
         self._limiter: Optional[AsyncRateLimiter] = None
+        self._gate: Optional[AdaptiveConcurrency] = None
         self._secret: Optional[_Secret] = None
         self._run_lock = threading.Lock()
         self._rng = random.Random()
@@ -194,6 +201,7 @@ class OpenAIBackend(Backend):
             self._loop = asyncio.new_event_loop()
             self._client = None
             self._limiter = None
+            self._gate = None
         return self._loop
 
     def _ensure_client(self) -> httpx.AsyncClient:
@@ -209,7 +217,8 @@ class OpenAIBackend(Backend):
                 limits=httpx.Limits(max_connections=c.concurrency, max_keepalive_connections=c.concurrency),
                 headers=headers,
             )
-            self._limiter = AsyncRateLimiter(c.requests_per_minute, c.tokens_per_minute)
+            self._limiter = make_rate_limiter(c)  # job-wide inside Ray actors, else this process's own
+            self._gate = AdaptiveConcurrency(c.concurrency, enabled=c.adaptive_concurrency)
         return self._client
 
     def _run(self, coro: Any) -> Any:
@@ -233,7 +242,7 @@ class OpenAIBackend(Backend):
                     self._run(loop.shutdown_asyncgens())
                 finally:
                     loop.close()
-            self._loop = self._client = self._limiter = None
+            self._loop = self._client = self._limiter = self._gate = None
 
     # ------------------------------------------------------------ helpers
     def _scrub(self, text: str) -> str:
@@ -252,6 +261,9 @@ class OpenAIBackend(Backend):
             "prompt_tokens": s.get("prompt_tokens", 0),
             "completion_tokens": s.get("completion_tokens", 0),
             "rate_limit_wait_s": self._limiter.total_wait_s if self._limiter else 0.0,
+            "throttled": self._gate.throttled if self._gate else 0,
+            "min_concurrency": self._gate.min_width_seen if self._gate else self.config.concurrency,
+            "concurrency": self._gate.limit if self._gate else self.config.concurrency,
         }
 
     def _body(self, req: Request, params: SamplingParams) -> dict[str, Any]:
@@ -265,6 +277,7 @@ class OpenAIBackend(Backend):
         }
         if params.stop:
             body["stop"] = list(params.stop)
+        body.update(structured_request_fields(self.config, req.role))
         body.update(self.config.extra_body)
         return body
 
@@ -279,6 +292,17 @@ class OpenAIBackend(Backend):
             return min(failure.retry_after, 2 * c.backoff_max_s)
         return self._rng.uniform(0.0, min(c.backoff_max_s, c.backoff_base_s * 2 ** min(attempt, 60)))
 
+    def _observe_limits(self, resp: httpx.Response) -> None:
+        """Feed the provider's rate-limit headers (and 429s) to the in-flight gate."""
+        if self._gate is None:
+            return
+        retry_after = None
+        if resp.status_code == 429:
+            ms = parse_retry_after(resp.headers.get("retry-after-ms"))
+            retry_after = ms / 1000 if ms is not None else parse_retry_after(resp.headers.get("retry-after"))
+            retry_after = min(retry_after, 2 * self.config.backoff_max_s) if retry_after is not None else None
+        self._gate.observe(resp.status_code, resp.headers, retry_after)
+
     # ------------------------------------------------------------ one HTTP attempt
     async def _attempt(self, client: httpx.AsyncClient, body: dict[str, Any]) -> Union[Completion, _Failure]:
         try:
@@ -292,6 +316,7 @@ class OpenAIBackend(Backend):
             self._by_status["connection_error"] += 1
             detail = self._scrub(str(e)) or "no detail"
             return _Failure("connection", f"{type(e).__name__}: {detail}", fatal=True)
+        self._observe_limits(resp)
 
         status = resp.status_code
         self._by_status[str(status)] += 1
@@ -331,7 +356,7 @@ class OpenAIBackend(Backend):
         return _Failure("http", f"HTTP {status}: {msg}", status, retryable=False)
 
     # ------------------------------------------------------------ one request, with retries
-    async def _one(self, client: httpx.AsyncClient, sem: asyncio.Semaphore, req: Request,
+    async def _one(self, client: httpx.AsyncClient, sem: AdaptiveConcurrency, req: Request,
                    params: SamplingParams, abort: dict[str, str]) -> Completion:
         c = self.config
         body = self._body(req, params)
@@ -380,7 +405,7 @@ class OpenAIBackend(Backend):
 
     async def _generate_async(self, requests: list[Request], params: SamplingParams) -> list[Any]:
         client = self._ensure_client()
-        sem = asyncio.Semaphore(self.config.concurrency)
+        sem = self._gate  # adaptive in-flight limit, kept across calls so what it learnt carries over
         abort: dict[str, str] = {}
         return await asyncio.gather(*(self._one(client, sem, r, params, abort) for r in requests),
                                     return_exceptions=True)

@@ -25,8 +25,9 @@ def _require_vllm():
 
 
 class VLLMBackend(Backend):  # pragma: no cover - needs a GPU and vLLM
-    def __init__(self, model: str, engine_kwargs: dict[str, Any] | None = None, **_: Any):
+    def __init__(self, model: str, engine_kwargs: dict[str, Any] | None = None, structured_output: bool = False, **_: Any):
         vllm = _require_vllm()
+        self.structured_output = structured_output
         from pipeline import storage
 
         self.name = model
@@ -37,7 +38,8 @@ class VLLMBackend(Backend):  # pragma: no cover - needs a GPU and vLLM
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
         sp = [
             self._vllm.SamplingParams(temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
-                                      seed=params.seed + r.sample_index, stop=list(params.stop) or None)
+                                      seed=params.seed + r.sample_index, stop=list(params.stop) or None,
+                                      **self._guided(r.role))
             for r in requests
         ]
         start = time.perf_counter()
@@ -50,15 +52,28 @@ class VLLMBackend(Backend):  # pragma: no cover - needs a GPU and vLLM
                                      completion_tokens=len(c.token_ids), latency_s=latency, finish_reason=c.finish_reason))
         return result
 
+    def _guided(self, role: str) -> dict[str, Any]:
+        """vLLM guided decoding of the subquestion JSON for decomposer requests (``structured_output``)."""
+        from pipeline.structured import STRUCTURED_ROLES, SUBQUESTIONS_SCHEMA
+
+        if not (self.structured_output and role in STRUCTURED_ROLES):
+            return {}
+        return {"guided_decoding": self._vllm.sampling_params.GuidedDecodingParams(json=SUBQUESTIONS_SCHEMA)}
+
 
 def build_ray_data_llm_processor(model: str, params: SamplingParams, engine_kwargs: dict[str, Any] | None = None,
-                                 concurrency: int = 1, batch_size: int = 64, accelerator_type: str | None = None):
+                                 concurrency: int = 1, batch_size: int = 64, accelerator_type: str | None = None,
+                                 structured_output: bool = False):
     """A ``ray.data.llm`` vLLM processor mapping rows with a ``messages`` column to ``generated_text``."""
     from ray.data.llm import build_llm_processor, vLLMEngineProcessorConfig  # noqa: WPS433 - lazy on purpose
 
     config = vLLMEngineProcessorConfig(model_source=model, engine_kwargs=engine_kwargs or {}, concurrency=concurrency,
                                        batch_size=batch_size, accelerator_type=accelerator_type)
     sampling = dict(temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens)
+    if structured_output:  # the subquestion list as JSON via vLLM guided decoding (pipeline.structured)
+        from pipeline.structured import guided_decoding_params
+
+        sampling.update(guided_decoding_params())
     return build_llm_processor(
         config,
         preprocess=lambda row: dict(messages=list(row["messages"]), sampling_params=sampling),
