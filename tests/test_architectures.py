@@ -124,10 +124,19 @@ def _mean_loss(model_dir: str, tokenizer_dir: str, rows) -> float:
 
 @pytest.fixture(scope="module")
 def trained(ray_session, family_models, tmp_path_factory):
+    """``trained(family)``: the family's exported student, trained on first use (so each training
+    runs inside the test that needs it first, under that test's timeout)."""
     root = tmp_path_factory.mktemp("trained")
-    rows = make_rows(48, seed=0)
-    data = write_parquet(str(root / "train"), rows)
-    return {f: _train_family(f, family_models[f], data, str(root / f), zero, workers) for f, zero, workers in TRAINED}
+    data = write_parquet(str(root / "train"), make_rows(48, seed=0))
+    plan = {f: (zero, workers) for f, zero, workers in TRAINED}
+    done: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in done:
+            done[family] = _train_family(family, family_models[family], data, str(root / family), *plan[family])
+        return done[family]
+
+    return get
 
 
 @pytest.mark.slow
@@ -135,7 +144,7 @@ def trained(ray_session, family_models, tmp_path_factory):
 def test_trained_family_exports_a_loadable_better_model(trained, family_models, family, zero, workers):
     from pipeline import storage
 
-    out = trained[family]
+    out = trained(family)
     manifest = storage.read_json(f"{out}/manifest.json")
     assert manifest["counts"]["steps"] == 6 and manifest["config"]["deepspeed"]["zero_stage"] == zero
     assert all(math.isfinite(h["loss"]) for h in manifest["history"])
@@ -157,9 +166,9 @@ def test_trained_families_serve_and_solve(trained, ray_session):
             cfg = load_serve_config(sections={
                 "http": {"host": "127.0.0.1", "port": port}, "app_name": f"arch-{i}", "route_prefix": f"/a{i}",
                 "blocking": False,
-                "decomposer": {"model": trained[dec], "served_name": dec, "device": "cpu", "dtype": "float32",
+                "decomposer": {"model": trained(dec), "served_name": dec, "device": "cpu", "dtype": "float32",
                                "sampling": {"max_tokens": 8}, **deploy},
-                "solver": {"backend": {"type": "hf", "model": trained[sol], "device": "cpu", "dtype": "float32"},
+                "solver": {"backend": {"type": "hf", "model": trained(sol), "device": "cpu", "dtype": "float32"},
                            "sampling": {"max_tokens": 8}, **deploy},
             })
             base = start(cfg)

@@ -83,3 +83,40 @@ def test_backend_builds_the_ray_data_llm_processor(ray_session, tiny_model_dir):
     assert engine.fn_constructor_kwargs["engine_kwargs"]["tensor_parallel_size"] == 2
     assert engine.fn_constructor_kwargs["batch_size"] == 8
     assert stages["ChatTemplateStage"].fn_constructor_kwargs["model"] == tiny_model_dir
+
+
+# ---------------------------------------------------------------- GPU serving of the student (ray.serve.llm)
+def _serve_cfg(model: str, **dec):
+    from pipeline.serving.app import load_serve_config
+
+    return load_serve_config(sections={"decomposer": {"model": model, "engine": "vllm", "served_name": "student", **dec},
+                                       "solver": {"backend": {"type": "hf", "model": model}}})
+
+
+def test_serve_llm_config_for_the_decomposer(tmp_path):
+    from pipeline.serving.llm_deployment import llm_config
+
+    cfg = _serve_cfg(str(tmp_path), vllm={"tensor_parallel_size": 2, "accelerator_type": "L4",
+                                          "engine_kwargs": {"gpu_memory_utilization": 0.8}},
+                     autoscaling={"min_replicas": 1, "max_replicas": 3}, num_replicas=None, max_input_tokens=1024,
+                     sampling={"max_tokens": 128})
+    lc = llm_config(cfg.decomposer)
+    assert lc.model_id == "student" and lc.model_loading_config.model_source == str(tmp_path)
+    assert lc.accelerator_type == "L4"
+    assert lc.engine_kwargs["tensor_parallel_size"] == 2 and lc.engine_kwargs["gpu_memory_utilization"] == 0.8
+    assert lc.engine_kwargs["max_model_len"] == 1024 + 128
+    assert lc.deployment_config["autoscaling_config"]["max_replicas"] == 3
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="merged"):
+        llm_config(cfg.decomposer)
+
+
+def test_serve_llm_without_vllm_is_one_clear_error(tmp_path):
+    import importlib.util
+
+    from pipeline.serving.app import build_app
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here: scripts/gpu_check.sh serves through ray.serve.llm instead")
+    with pytest.raises(RuntimeError, match=r"divconq\[gpu\]"):
+        build_app(_serve_cfg(str(tmp_path)))

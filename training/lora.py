@@ -54,6 +54,25 @@ def wrap(model, section, gradient_checkpointing: bool):
     return get_peft_model(model, peft_config(section))
 
 
+def checkpoint_adapter_only(engine) -> None:
+    """Make ``save_checkpoint(exclude_frozen_parameters=True)`` drop *every* frozen weight.
+
+    DeepSpeed drops the frozen names that ``named_parameters()`` lists, which names a tied weight
+    once (the input embedding), so a tied ``lm_head.weight`` (Llama 3.2, Qwen2, Gemma) would still
+    be written; DeepSpeed has no option for this, hence the instance-level wrapper."""
+    frozen = {n for n, p in engine.module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    original = engine.module_state_dict
+
+    def module_state_dict(*args: Any, **kwargs: Any):
+        sd = original(*args, **kwargs)
+        if kwargs.get("exclude_frozen_parameters") and sd is not None:
+            for name in frozen:
+                sd.pop(name, None)
+        return sd
+
+    engine.module_state_dict = module_state_dict
+
+
 def gather_adapter(engine, rank: int) -> Optional[dict[str, Any]]:
     """The trainable (adapter) weights on CPU on rank 0, ``None`` elsewhere. Collective: call on
     every rank. ZeRO-3 gathers only these parameters, never the frozen base."""

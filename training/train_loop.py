@@ -176,6 +176,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         config=ds_config,
         dist_init_required=False,  # Ray Train already initialized torch.distributed
     )
+    if lora_cfg is not None:
+        lora.checkpoint_adapter_only(engine)
 
     # ---- resume
     state = {"epoch": 0, "micro_step_in_epoch": 0, "global_step": 0}
