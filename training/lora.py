@@ -102,8 +102,15 @@ def save_adapter(peft_model, adapter_sd: dict[str, Any], tokenizer, out_dir: str
     return out_dir
 
 
-def is_adapter_dir(path: str) -> bool:
-    return os.path.exists(os.path.join(path, "adapter_config.json"))
+def adapter_base_name(model_cfg, staged_base: str) -> str:
+    """What the adapter names as its base: the hub name when the run started from one (loadable
+    anywhere), else the staged base dir the run trained on (a local dir, or s3://)."""
+    name = model_cfg.name_or_path
+    from pipeline import storage
+
+    if not model_cfg.build_tiny and name and not storage.is_s3(name) and not os.path.isdir(os.path.expanduser(name)):
+        return name
+    return staged_base
 
 
 def merge_adapter(adapter_dir: str, out_dir: str, base_model: Optional[str] = None, dtype: str = "float32") -> str:

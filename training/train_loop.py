@@ -263,7 +263,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if done and lora_cfg is not None:
             adapter = lora.gather_adapter(engine, rank)  # collective
             if rank == 0:
-                lora.save_adapter(engine.module, adapter, tokenizer, os.path.join(tmp, export.HF_SUBDIR), base_uri)
+                lora.save_adapter(engine.module, adapter, tokenizer, os.path.join(tmp, export.HF_SUBDIR),
+                                  lora.adapter_base_name(cfg.model, base_uri))
         elif done:
             state_dict = export.gather_state_dict(engine)  # collective
             if rank == 0:

@@ -32,7 +32,7 @@ def llm_config(dec) -> Any:
     else:
         deployment["num_replicas"] = dec.num_replicas or 1
     engine_kwargs = {**dec.vllm.engine_kwargs, "tensor_parallel_size": dec.vllm.tensor_parallel_size,
-                     "trust_remote_code": dec.trust_remote_code, "max_model_len": dec.max_input_tokens + dec.sampling.max_tokens}
+                     "trust_remote_code": dec.trust_remote_code, "dtype": dec.dtype, "max_model_len": dec.max_input_tokens + dec.sampling.max_tokens}
     return LLMConfig(model_loading_config={"model_id": dec.served_name, "model_source": dec.model},
                      engine_kwargs=engine_kwargs, accelerator_type=dec.vllm.accelerator_type,
                      deployment_config=deployment)
