@@ -4,6 +4,7 @@
 # and ray.serve.llm). Writes <out>/gpu_check.{json,md}: versions, device, figures, pass/fail/skip per step.
 #   bash scripts/gpu_check.sh [OUT_DIR]          # on a GPU node
 #   bash scripts/gpu_check.sh OUT_DIR --cpu      # the steps with a CPU variant, on CPU (fp32, gloo)
+#   bash scripts/gpu_check.sh OUT_DIR --only generate_vllm,serve_vllm   # a subset (env + models always run)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-gpu_check_results}"; shift || true

@@ -47,7 +47,7 @@ def family_models(tmp_path_factory, corpus):
     from pipeline.tiny_models import build_family_model
 
     root = tmp_path_factory.mktemp("families")
-    return {f: build_family_model(str(root / f), f, corpus, chat_template(f), vocab_size=400, max_positions=256)
+    return {f: build_family_model(str(root / f), f, corpus, chat_template(f), vocab_size=400)
             for f in FAMILIES}
 
 
@@ -169,7 +169,7 @@ def test_trained_families_serve_and_solve(trained, ray_session):
                 "decomposer": {"model": trained(dec), "served_name": dec, "device": "cpu", "dtype": "float32",
                                "sampling": {"max_tokens": 8}, **deploy},
                 "solver": {"backend": {"type": "hf", "model": trained(sol), "device": "cpu", "dtype": "float32"},
-                           "sampling": {"max_tokens": 8}, **deploy},
+                           "sampling": {"max_tokens": 8}, "few_shot": False, **deploy},
             })
             base = start(cfg)
             r = httpx.post(base + "/v1/solve", json={"question": "Bob has 3 pens and buys 2 more. How many?"}, timeout=120)
