@@ -123,3 +123,14 @@ def test_lora_training_resumes_exports_merges_and_serves(ray_session, tiny_model
         assert r.json()["usage"]["decomposer"]["completion_tokens"] > 0 and r.json()["usage"]["solver"]["completion_tokens"] > 0
     finally:
         shutdown()
+
+
+def test_torch_compile_flag_is_a_validated_model_option():
+    """model.torch_compile (kept because pack + compile won bench_training_throughput) is a plain
+    bool of the model section; the compiled path itself is too slow to compile in the suite on CPU."""
+    from pipeline.config import ConfigError
+
+    assert _cfg().model.torch_compile is False
+    assert _cfg(**{"model.torch_compile": "true", "data.pack_or_group": "pack"}).model.torch_compile is True
+    with pytest.raises(ConfigError, match="torch_compile"):
+        _cfg(**{"model.torch_compile": "maybe"})

@@ -60,6 +60,8 @@ class TrainModelConfig(Strict):
     gradient_checkpointing: bool = False
     attn_implementation: Optional[str] = Field(None, description="e.g. sdpa | eager | flash_attention_2; None = library default.")
     lora: Optional[LoraSection] = Field(None, description="LoRA / QLoRA adapters (peft) instead of full fine-tuning.")
+    torch_compile: bool = Field(False, description="torch.compile the model in the DeepSpeed engine (dynamic shapes): "
+                                "pays off on long runs with data.pack_or_group=pack (see bench_training_throughput).")
 
     @model_validator(mode="after")
     def _need_a_model(self) -> "TrainModelConfig":

@@ -178,6 +178,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     if lora_cfg is not None:
         lora.checkpoint_adapter_only(engine)
+    if cfg.model.torch_compile:
+        engine.compile(compile_kwargs={"dynamic": True})  # compiles lazily, at the first forward
 
     # ---- resume
     state = {"epoch": 0, "micro_step_in_epoch": 0, "global_step": 0}
