@@ -5,12 +5,19 @@ The embedded default cannot fetch weights, so it trains a byte-level BPE tokeniz
 model from a config. The result is an ordinary Hugging Face model directory that
 ``AutoModelForCausalLM`` / ``AutoTokenizer`` load like any hub model, chat template
 included.
+
+:func:`build_family_model` builds tiny random-weight models of hub families (Llama 3,
+Qwen2, Mistral, GPT-2, Gemma, Phi-3) from their own ``transformers`` config classes, with
+each family's special tokens, pad/eos conventions, tied or untied embeddings, rotary
+scaling (Llama 3) and sliding windows (Mistral); the caller passes the family's chat
+template (the tests keep them in ``tests/fixtures/chat_templates/``).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Iterable, Literal
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal, Optional
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
@@ -21,8 +28,11 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048):
-    """Train a byte-level BPE tokenizer and wrap it as a ``PreTrainedTokenizerFast``."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, special_tokens: Optional[list[str]] = None,
+                    bos: Optional[str] = "<|bos|>", eos: str = "<|end|>", pad: Optional[str] = "<|pad|>",
+                    chat_template: Optional[str] = CHAT_TEMPLATE):
+    """Train a byte-level BPE tokenizer and wrap it as a ``PreTrainedTokenizerFast``
+    (defaults: the project's own tokens and template; a family passes its own)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -31,19 +41,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=list(special_tokens or SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token="<|bos|>",
-        eos_token="<|end|>",
-        pad_token="<|pad|>",
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
         unk_token=None,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     fast.padding_side = "left"
     return fast
 
@@ -87,6 +97,97 @@ def build_tiny_model(
     model = AutoModelForCausalLM.from_config(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+# ---------------------------------------------------------------- hub families
+@dataclass(frozen=True)
+class Family:
+    """What a tiny model of a hub family needs: its config class, tokens and conventions."""
+
+    config_class: str
+    special_tokens: list[str]
+    eos: str
+    bos: Optional[str] = None
+    pad: Optional[str] = None  # None: the family has no pad token (trainers and generate use eos)
+    stop_tokens: tuple[str, ...] = ()  # extra generation stops (Gemma's <end_of_turn>, Phi-3's <|end|>)
+    tie_word_embeddings: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)  # family-specific config fields
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # the attention projections' module names
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(  # Llama 3.x: header tokens, llama3 rotary scaling, tied embeddings (1B/3B)
+        "LlamaConfig", ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>",
+                        "<|finetune_right_pad_id|>"],
+        eos="<|eot_id|>", bos="<|begin_of_text|>", pad="<|finetune_right_pad_id|>",
+        extra={"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 128}},
+    ),
+    "qwen2": Family(  # ChatML, no bos, pad <|endoftext|>, tied embeddings (0.5B/1.5B), q/k/v biases
+        "Qwen2Config", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], eos="<|im_end|>", pad="<|endoftext|>",
+        extra={"use_sliding_window": False, "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}},
+    ),
+    "mistral": Family(  # [INST] markers, no system role, no pad token, untied head, a sliding window
+        "MistralConfig", ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], eos="</s>", bos="<s>",
+        tie_word_embeddings=False, extra={"sliding_window": 32},
+    ),
+    "gpt2": Family(  # no chat template, bos = eos = <|endoftext|>, no pad, learned absolute positions
+        "GPT2Config", ["<|endoftext|>"], eos="<|endoftext|>", bos="<|endoftext|>", lora_targets=("c_attn",),
+    ),
+    "gemma": Family(  # <start_of_turn>/<end_of_turn>, role "model", eos <eos> but turns end at <end_of_turn>
+        "GemmaConfig", ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"], eos="<eos>", bos="<bos>",
+        pad="<pad>", stop_tokens=("<end_of_turn>",), extra={"hidden_activation": "gelu_pytorch_tanh"},
+    ),
+    "phi3": Family(  # <|user|>/<|end|> turns, <|endoftext|> after the last one, fused qkv projection
+        "Phi3Config", ["<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+        eos="<|endoftext|>", bos="<s>", pad="<|endoftext|>", stop_tokens=("<|end|>",), tie_word_embeddings=False,
+        lora_targets=("qkv_proj",),
+    ),
+}
+
+
+def family_config(family: str, tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+                  max_positions: int = 1024):
+    """The family's ``transformers`` config for a tiny model with ``tokenizer``'s ids."""
+    import transformers
+
+    spec = FAMILIES[family]
+    ids = {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+           "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    cls = getattr(transformers, spec.config_class)
+    if family == "gpt2":
+        return cls(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=max_positions, **ids)
+    kv_heads = max(1, num_heads // 2)  # grouped-query attention, as the hub models use
+    return cls(hidden_size=hidden_size, intermediate_size=hidden_size * 3, num_hidden_layers=num_layers,
+               num_attention_heads=num_heads, num_key_value_heads=kv_heads, head_dim=hidden_size // num_heads,
+               max_position_embeddings=max_positions, tie_word_embeddings=spec.tie_word_embeddings,
+               **spec.extra, **ids)
+
+
+def build_family_model(out_dir: str, family: str, texts: Iterable[str], chat_template: Optional[str],
+                       vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+                       max_positions: int = 1024, seed: int = 0) -> str:
+    """Build and save a tiny random-weight model of a hub ``family`` (a key of :data:`FAMILIES`)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    spec = FAMILIES[family]
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size, special_tokens=spec.special_tokens, bos=spec.bos,
+                                eos=spec.eos, pad=spec.pad, chat_template=chat_template)
+    tokenizer.padding_side = "right" if family == "qwen2" else "left"  # as the hub tokenizers ship
+    model = AutoModelForCausalLM.from_config(family_config(family, tokenizer, hidden_size, num_layers, num_heads,
+                                                           max_positions))
+    stops = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(t) for t in spec.stop_tokens]
+    model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

@@ -97,7 +97,8 @@ def run(cfg: TrainConfig) -> int:
     result = trainer.fit()
     if result.checkpoint is None:
         raise ValueError("training produced no checkpoint")
-    export_from_checkpoint(result.checkpoint, cfg.output.dir)
+    lora = cfg.model.lora
+    export_from_checkpoint(result.checkpoint, cfg.output.dir, merge_lora=bool(lora and lora.export == "merged"))
     trainer_state = read_trainer_state(result.checkpoint)
 
     metrics = dict(result.metrics or {})

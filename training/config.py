@@ -7,7 +7,7 @@ Ray starts. Override any key from the command line, e.g.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, model_validator
 
@@ -36,6 +36,19 @@ class TinyModelConfig(Strict):
     max_positions: int = Field(1024, ge=16)
 
 
+class LoraSection(Strict):
+    """Parameter-efficient fine-tuning with peft: only the low-rank adapters train and are checkpointed."""
+
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: Union[list[str], Literal["all-linear"]] = Field(
+        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]; GPT-2: [c_attn]) or all-linear.")
+    qlora: bool = Field(False, description="Load the frozen base in 4-bit NF4 (bitsandbytes; GPU only, ZeRO 0-2).")
+    export: Literal["merged", "adapter"] = Field(
+        "merged", description="output.dir gets the base with the adapter merged in, or the adapter alone (+ tokenizer).")
+
+
 class TrainModelConfig(Strict):
     name_or_path: Optional[str] = Field(None, description="HF hub name, local dir or s3:// dir of a causal LM (ignored when build_tiny).")
     build_tiny: bool = Field(False, description="Build a tiny random Llama + BPE tokenizer trained on the training text (no download).")
@@ -46,6 +59,9 @@ class TrainModelConfig(Strict):
     )
     gradient_checkpointing: bool = False
     attn_implementation: Optional[str] = Field(None, description="e.g. sdpa | eager | flash_attention_2; None = library default.")
+    lora: Optional[LoraSection] = Field(None, description="LoRA / QLoRA adapters (peft) instead of full fine-tuning.")
+    torch_compile: bool = Field(False, description="torch.compile the model in the DeepSpeed engine (dynamic shapes): "
+                                "pays off on long runs with data.pack_or_group=pack (see bench_training_throughput).")
 
     @model_validator(mode="after")
     def _need_a_model(self) -> "TrainModelConfig":
@@ -135,3 +151,14 @@ class TrainConfig(Strict):
         data = self.data.model_copy(update={"train_path": fix(self.data.train_path), "validation_path": fix(self.data.validation_path)})
         output = self.output.model_copy(update={"dir": fix(self.output.dir), "checkpoint_dir": fix(self.output.checkpoint_dir)})
         return self.model_copy(update={"data": data, "output": output, "resume_from": fix(self.resume_from)})
+
+    @model_validator(mode="after")
+    def _qlora_needs_a_gpu(self) -> "TrainConfig":
+        lora = self.model.lora
+        if lora is not None and lora.qlora:
+            if not self.scaling.use_gpu:
+                raise ValueError("model.lora.qlora (4-bit bitsandbytes) needs a GPU: set scaling.use_gpu=true, "
+                                 "or model.lora.qlora=false for plain LoRA on CPU")
+            if self.deepspeed.zero_stage == 3:
+                raise ValueError("model.lora.qlora works with deepspeed.zero_stage 0-2 (4-bit weights are not partitioned)")
+        return self

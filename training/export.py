@@ -96,13 +96,24 @@ def save_hf_model(model, state_dict: dict[str, Any], tokenizer, out_dir: str) ->
 
 
 # ---------------------------------------------------------------- on the driver
-def export_from_checkpoint(checkpoint, dest: str) -> str:
-    """Copy ``hf_model/`` of a Ray Train checkpoint (local or remote) to ``dest`` (local or s3://)."""
+def export_from_checkpoint(checkpoint, dest: str, merge_lora: bool = False, dtype: str = "float32") -> str:
+    """Copy ``hf_model/`` of a Ray Train checkpoint (local or remote) to ``dest`` (local or s3://).
+
+    ``merge_lora``: the folder is a LoRA adapter; write base + adapter merged instead."""
     import pyarrow.fs as pafs
 
     src_fs, src_path = checkpoint.filesystem, checkpoint.path.rstrip("/") + "/" + HF_SUBDIR
     if src_fs.get_file_info(src_path).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"checkpoint {checkpoint.path} has no {HF_SUBDIR}/ (training did not finish?)")
+    if merge_lora:
+        from training import lora
+
+        adapter = tempfile.mkdtemp(prefix="divconq-adapter-")
+        try:
+            pafs.copy_files(src_path, adapter, source_filesystem=src_fs, destination_filesystem=pafs.LocalFileSystem())
+            return write_hf_dir(lambda d: lora.merge_adapter(adapter, d, dtype=dtype), dest)
+        finally:
+            shutil.rmtree(adapter, ignore_errors=True)
     dst_fs, dst_path = storage.filesystem(dest)
     dst_fs.create_dir(dst_path, recursive=True)
     pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)

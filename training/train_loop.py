@@ -105,7 +105,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline import storage
-    from training import export, sft_data
+    from training import export, lora, sft_data
     from training.deepspeed_config import build_deepspeed_config, fused_adam_available, resolve_precision
 
     ctx = ray.train.get_context()
@@ -161,16 +161,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     load_kwargs: dict[str, Any] = {"dtype": _torch_dtype(cfg.model.dtype, precision), "trust_remote_code": cfg.model.trust_remote_code}
     if cfg.model.attn_implementation:
         load_kwargs["attn_implementation"] = cfg.model.attn_implementation
+    lora_cfg = cfg.model.lora
+    if lora_cfg is not None and lora_cfg.qlora:
+        load_kwargs.update(lora.quantization_kwargs(lora_cfg, load_kwargs["dtype"]))
     model = AutoModelForCausalLM.from_pretrained(base_dir, **load_kwargs)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
+    if lora_cfg is not None:
+        model = lora.wrap(model, lora_cfg, cfg.model.gradient_checkpointing)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_config,
         dist_init_required=False,  # Ray Train already initialized torch.distributed
     )
+    if lora_cfg is not None:
+        lora.checkpoint_adapter_only(engine)
+    if cfg.model.torch_compile:
+        engine.compile(compile_kwargs={"dynamic": True})  # compiles lazily, at the first forward
 
     # ---- resume
     state = {"epoch": 0, "micro_step_in_epoch": 0, "global_step": 0}
@@ -182,7 +191,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with open(os.path.join(ckpt_dir, STATE_FILE)) as f:
                 state = json.load(f)
             with export.weights_only_loads():
-                load_path, _ = engine.load_checkpoint(ckpt_dir, tag=state["tag"])
+                # LoRA checkpoints hold the adapter only: the frozen base comes from base_model
+                load_path, _ = engine.load_checkpoint(ckpt_dir, tag=state["tag"], load_module_strict=lora_cfg is None)
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir} (tag {state['tag']})")
         log.info("rank %d resumed from step %d (epoch %d, micro-batch %d)", rank, state["global_step"], state["epoch"], state["micro_step_in_epoch"])
@@ -251,8 +261,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         nonlocal reports
         tmp = tempfile.mkdtemp(prefix=f"divconq-ckpt-r{rank}-")
         tag = f"global_step{global_step}"
-        engine.save_checkpoint(tmp, tag=tag)
-        if done:
+        engine.save_checkpoint(tmp, tag=tag, exclude_frozen_parameters=lora_cfg is not None)
+        if done and lora_cfg is not None:
+            adapter = lora.gather_adapter(engine, rank)  # collective
+            if rank == 0:
+                lora.save_adapter(engine.module, adapter, tokenizer, os.path.join(tmp, export.HF_SUBDIR),
+                                  lora.adapter_base_name(cfg.model, base_uri))
+        elif done:
             state_dict = export.gather_state_dict(engine)  # collective
             if rank == 0:
                 export.save_hf_model(engine.module, state_dict, tokenizer, os.path.join(tmp, export.HF_SUBDIR))

@@ -1,4 +1,4 @@
-"""Backends: OpenAI-compatible HTTP, local Hugging Face, vLLM (GPU, lazy), and offline reference."""
+"""Backends: OpenAI-compatible HTTP, local Hugging Face, vLLM / SGLang through ray.data.llm (GPU, lazy), and offline reference."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def make_backend(cfg, cache_dir: Optional[str] = None, job_dir: Optional[str] = 
     elif kind == "vllm":
         from pipeline.backends.vllm_engine import VLLMBackend
 
-        backend = VLLMBackend(cfg.model, engine_kwargs=cfg.engine_kwargs, structured_output=cfg.structured_output)
+        backend = VLLMBackend(cfg)
     else:  # pragma: no cover - pydantic rejects unknown types first
         raise ValueError(f"unknown backend type {kind!r}")
     if cache_dir:

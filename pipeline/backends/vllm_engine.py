@@ -1,11 +1,21 @@
-"""vLLM on GPU nodes, imported lazily so CPU installs never need it.
+"""vLLM (or SGLang) generation through Ray Data LLM (``ray.data.llm``), imported lazily.
 
-Two ways to use vLLM:
-* ``VLLMBackend``: an in-actor ``vllm.LLM`` engine behind the common backend interface
-  (used by ``generate``/``solve``/``infer`` actor pools with ``num_gpus`` per actor).
-* ``build_ray_data_llm_processor``: Ray's own ``ray.data.llm`` vLLM processor, for users
-  who want Ray's engine management (tensor/pipeline parallel, continuous batching)
-  over a Ray Dataset of chat messages.
+``type: vllm`` backends run each ``generate`` call (one shard of a ``generate``, ``solve``
+or ``infer`` job: the shard machinery in :mod:`pipeline.sharded` keeps its resume, exactly-once
+commit and quarantine) as a Ray Data LLM pipeline: chat template -> tokenize -> engine ->
+detokenize, with ``concurrency`` engine replicas of ``tensor_parallel_size x
+pipeline_parallel_size`` GPUs each (of ``accelerator_type`` when set), ``batch_size`` rows per
+engine call, and the job's sampling parameters per row (the seed shifted by the sample
+index, as every backend does). Rows the engine fails on come back as errors (quarantined by
+the job), not as a failed job (``should_continue_on_error``).
+
+Every shard starts its engine replicas once (Ray Data's actor pools live for one execution),
+so for vLLM set ``output.shard_size`` to minutes of work (thousands of rows) and the job's
+``pool`` to CPU-only actors (``num_gpus: 0``): the GPUs are taken by the engine stage.
+
+Only :func:`processor_config` and :func:`build_processor` need ``ray.data.llm`` (shipped with
+Ray); the engine stage itself needs vLLM (``pip install 'divconq[gpu]'``) or SGLang on the GPU
+nodes.
 """
 
 from __future__ import annotations
@@ -13,69 +23,104 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pipeline.backends.base import Backend, Completion, Request, SamplingParams
+from pipeline.backends.base import Backend, BackendUnavailable, Completion, Request, SamplingParams
+from pipeline.structured import STRUCTURED_ROLES, guided_decoding_params
 
 
-def _require_vllm():
-    try:
-        import vllm  # noqa: F401
-    except ImportError as e:  # pragma: no cover - exercised only where vLLM is missing by design
-        raise ImportError("the vllm backend needs vLLM on a GPU node: pip install 'divconq[gpu]'") from e
-    return vllm
+def engine_kwargs(cfg) -> dict[str, Any]:
+    """The engine's own kwargs: ``cfg.engine_kwargs`` plus the parallelism fields."""
+    kwargs = dict(cfg.engine_kwargs)
+    if cfg.engine == "vllm":
+        kwargs.update(tensor_parallel_size=cfg.tensor_parallel_size, pipeline_parallel_size=cfg.pipeline_parallel_size)
+    else:  # SGLang's names: tp_size / pp_size
+        kwargs.update(tp_size=cfg.tensor_parallel_size, pp_size=cfg.pipeline_parallel_size)
+    return kwargs
 
 
-class VLLMBackend(Backend):  # pragma: no cover - needs a GPU and vLLM
-    def __init__(self, model: str, engine_kwargs: dict[str, Any] | None = None, structured_output: bool = False, **_: Any):
-        vllm = _require_vllm()
-        self.structured_output = structured_output
+def processor_config(cfg, model_source: str | None = None):
+    """``vLLMEngineProcessorConfig`` / ``SGLangEngineProcessorConfig`` with every field of ``cfg``."""
+    from ray.data import llm
+
+    cls = llm.vLLMEngineProcessorConfig if cfg.engine == "vllm" else llm.SGLangEngineProcessorConfig
+    return cls(model_source=model_source or cfg.model, engine_kwargs=engine_kwargs(cfg), concurrency=cfg.concurrency,
+               batch_size=cfg.batch_size, accelerator_type=cfg.accelerator_type, should_continue_on_error=True)
+
+
+def sampling_params(engine: str, params: SamplingParams, sample_index: int) -> dict[str, Any]:
+    """One row's sampling parameters in the engine's own names."""
+    stop = list(params.stop) or None
+    if engine == "vllm":
+        return {"temperature": params.temperature, "top_p": params.top_p, "max_tokens": params.max_tokens,
+                "seed": params.seed + sample_index, "stop": stop}
+    return {"temperature": params.temperature, "top_p": params.top_p, "max_new_tokens": params.max_tokens,
+            "sampling_seed": params.seed + sample_index, "stop": stop}
+
+
+class _Preprocess:
+    """Row -> engine input (a class, not a closure: Ray pickles it to the stage actors)."""
+
+    def __init__(self, engine: str, params: SamplingParams):
+        self.engine, self.params = engine, params
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        sampling = sampling_params(self.engine, self.params, int(row["sample_index"]))
+        if row.get("guided") and self.engine == "vllm":  # structured_output: the subquestion list as JSON
+            sampling.update(guided_decoding_params())
+        return {"request_index": int(row["request_index"]), "messages": list(row["messages"]), "sampling_params": sampling}
+
+
+def postprocess(row: dict[str, Any]) -> dict[str, Any]:
+    """Engine output -> the fields of a :class:`Completion` (+ the request's index)."""
+    return {"request_index": int(row["request_index"]), "text": row.get("generated_text") or "",
+            "prompt_tokens": int(row.get("num_input_tokens") or 0),
+            "completion_tokens": int(row.get("num_generated_tokens") or 0),
+            "error": row.get("__inference_error__") or None}
+
+
+def to_completion(out: dict[str, Any], max_tokens: int, latency_s: float) -> Completion:
+    if out["error"]:
+        return Completion(text="", error=str(out["error"]), latency_s=latency_s)
+    finish = "length" if out["completion_tokens"] >= max_tokens else "stop"
+    return Completion(text=out["text"].strip(), prompt_tokens=out["prompt_tokens"],
+                      completion_tokens=out["completion_tokens"], latency_s=latency_s, finish_reason=finish)
+
+
+def build_processor(cfg, params: SamplingParams, model_source: str | None = None):
+    """A Ray Data LLM processor mapping rows ``{request_index, sample_index, messages}`` to
+    ``{request_index, text, prompt_tokens, completion_tokens, error}``."""
+    from ray.data.llm import build_processor as build
+
+    return build(processor_config(cfg, model_source), preprocess=_Preprocess(cfg.engine, params), postprocess=postprocess)
+
+
+class VLLMBackend(Backend):
+    """``type: vllm``: each ``generate`` call runs one Ray Data LLM pipeline over its requests."""
+
+    def __init__(self, cfg, **_: Any):
         from pipeline import storage
 
-        self.name = model
-        self._vllm = vllm
-        path = storage.localize(model) if storage.is_s3(model) else model
-        self.llm = vllm.LLM(model=path, **(engine_kwargs or {}))
+        self.cfg = cfg
+        self.name = cfg.model
+        # s3:// dirs are fetched once here; engines on other nodes need the model at the same
+        # path (shared storage) or a hub name
+        self.model_source = storage.localize(cfg.model) if storage.is_s3(cfg.model) else cfg.model
+        self.processor_config = processor_config(cfg, self.model_source)  # validates every field now
 
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
-        sp = [
-            self._vllm.SamplingParams(temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
-                                      seed=params.seed + r.sample_index, stop=list(params.stop) or None,
-                                      **self._guided(r.role))
-            for r in requests
-        ]
+        import ray.data
+
+        guided = bool(getattr(self.cfg, "structured_output", False))
+        rows = [{"request_index": i, "sample_index": r.sample_index, "messages": r.messages,
+                 "guided": guided and r.role in STRUCTURED_ROLES} for i, r in enumerate(requests)]
         start = time.perf_counter()
-        outs = self.llm.chat([r.messages for r in requests], sp, use_tqdm=False)
+        try:
+            processor = build_processor(self.cfg, params, self.model_source)
+            outs = processor(ray.data.from_items(rows)).take_all()
+        except Exception as e:  # the engine could not start (no vLLM / GPUs): an infrastructure failure
+            raise BackendUnavailable(f"{self.cfg.engine} engine for {self.name} failed: {type(e).__name__}: "
+                                     f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from e
         latency = (time.perf_counter() - start) / max(1, len(requests))
-        result = []
-        for o in outs:
-            c = o.outputs[0]
-            result.append(Completion(text=c.text.strip(), prompt_tokens=len(o.prompt_token_ids or []),
-                                     completion_tokens=len(c.token_ids), latency_s=latency, finish_reason=c.finish_reason))
-        return result
-
-    def _guided(self, role: str) -> dict[str, Any]:
-        """vLLM guided decoding of the subquestion JSON for decomposer requests (``structured_output``)."""
-        from pipeline.structured import STRUCTURED_ROLES, SUBQUESTIONS_SCHEMA
-
-        if not (self.structured_output and role in STRUCTURED_ROLES):
-            return {}
-        return {"guided_decoding": self._vllm.sampling_params.GuidedDecodingParams(json=SUBQUESTIONS_SCHEMA)}
-
-
-def build_ray_data_llm_processor(model: str, params: SamplingParams, engine_kwargs: dict[str, Any] | None = None,
-                                 concurrency: int = 1, batch_size: int = 64, accelerator_type: str | None = None,
-                                 structured_output: bool = False):
-    """A ``ray.data.llm`` vLLM processor mapping rows with a ``messages`` column to ``generated_text``."""
-    from ray.data.llm import build_llm_processor, vLLMEngineProcessorConfig  # noqa: WPS433 - lazy on purpose
-
-    config = vLLMEngineProcessorConfig(model_source=model, engine_kwargs=engine_kwargs or {}, concurrency=concurrency,
-                                       batch_size=batch_size, accelerator_type=accelerator_type)
-    sampling = dict(temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens)
-    if structured_output:  # the subquestion list as JSON via vLLM guided decoding (pipeline.structured)
-        from pipeline.structured import guided_decoding_params
-
-        sampling.update(guided_decoding_params())
-    return build_llm_processor(
-        config,
-        preprocess=lambda row: dict(messages=list(row["messages"]), sampling_params=sampling),
-        postprocess=lambda row: dict(row, generated_text=row["generated_text"]),
-    )
+        by_index = {int(o["request_index"]): o for o in outs}
+        missing = {"request_index": -1, "text": "", "prompt_tokens": 0, "completion_tokens": 0,
+                   "error": "the engine returned no output for this request"}
+        return [to_completion(by_index.get(i, missing), params.max_tokens, latency) for i in range(len(requests))]

@@ -117,8 +117,15 @@ def build_app(cfg: ServeConfig, *, ingress_env: Optional[dict[str, str]] = None)
     if sol_cfg.type == "hf":
         sol_cfg = sol_cfg.model_copy(update={"model": _resolve_model(sol_cfg.model)})
 
-    decomposer = Decomposer.options(**cfg.decomposer.deployment_options()).bind(
-        dec_cfg.model_dump(), cfg.decomposer.max_batch_size, cfg.decomposer.batch_wait_timeout_s)
+    if cfg.decomposer.engine == "vllm":  # GPU: Ray Serve LLM's vLLM server behind the Decomposer interface
+        from pipeline.serving.llm_deployment import VLLMDecomposer, build_llm_server
+
+        dec = cfg.decomposer.model_copy(update={"model": dec_cfg.model})
+        decomposer = VLLMDecomposer.options(max_ongoing_requests=cfg.decomposer.deployment_options()["max_ongoing_requests"],
+                                            ray_actor_options={"num_cpus": 0.1}).bind(build_llm_server(dec), dec.served_name)
+    else:
+        decomposer = Decomposer.options(**cfg.decomposer.deployment_options()).bind(
+            dec_cfg.model_dump(), cfg.decomposer.max_batch_size, cfg.decomposer.batch_wait_timeout_s)
     solver = Solver.options(**cfg.solver.deployment_options()).bind(
         sol_cfg.model_dump(), cfg.solver.max_batch_size, cfg.solver.batch_wait_timeout_s)
 

@@ -125,8 +125,20 @@ class _DeploymentOptions(Strict):
         return opts
 
 
+class ServeVLLMOptions(Strict):
+    """``decomposer.engine: vllm``: the Ray Serve LLM (vLLM) engine of each replica."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica.")
+    accelerator_type: Optional[str] = Field(None, description="Ray accelerator type, e.g. L4, A10G, H100.")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="More vLLM engine args, e.g. {gpu_memory_utilization: 0.8}.")
+
+
 class DecomposerConfig(_DeploymentOptions):
-    """The distilled decomposer student, served with the local Hugging Face backend."""
+    """The distilled decomposer student: ``transformers`` (default, CPU or GPU; full, merged or
+    LoRA-adapter dirs) or vLLM through Ray Serve LLM (``engine: vllm``, GPU; full or merged dirs)."""
+
+    engine: Literal["hf", "vllm"] = Field("hf", description="hf: the transformers Decomposer; vllm: ray.serve.llm (GPU).")
+    vllm: ServeVLLMOptions = Field(default_factory=ServeVLLMOptions)
 
     model: str = Field(..., min_length=1, description="Local HF model dir, hub name or s3:// dir (e.g. runs/train/export).")
     served_name: str = Field("divconq-decomposer", min_length=1,
