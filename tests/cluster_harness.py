@@ -240,7 +240,9 @@ def _serve(spec_path: str) -> None:
             for aid, a in table.items():
                 node = a["Address"]["NodeID"]
                 old = seen.get(aid, {})
-                alive_on = {node} if a["State"] == "ALIVE" and node.strip("0") else set()
+                # the table keeps the node of a DEAD or RESTARTING actor too: record it whatever the state,
+                # so an actor that lived between two samples (a busy machine) still says where it ran
+                alive_on = {node} if node and node.strip("0") else set()
                 seen[aid] = {"id": aid, "class": a["ActorClassName"], "state": a["State"], "pid": a["Pid"],
                              "restarts": a["NumRestarts"], "job": a["JobID"],
                              "nodes": sorted(set(old.get("nodes", [])) | alive_on)}
