@@ -28,6 +28,7 @@ from pipeline.backends import Request, SamplingParams, make_backend
 from pipeline.backends.openai_batch import chunk_size
 from pipeline.cost import backend_mode, ledger_counts, merge
 from pipeline.config import BackendConfig, SamplingConfig
+from pipeline.generation import input_problem
 from pipeline.outputs import ShardedJobConfig
 from pipeline.parsing import ParseError, extract_answer, parse_dynamic_step, parse_solver_output
 from pipeline.structured import parse_decomposition
@@ -257,9 +258,9 @@ class InferWorker(ShardWorker):
 
 def _input_problem(row: dict[str, Any]) -> Optional[str]:
     """Why ``infer`` cannot work on an input row (a missing field, a dataset without a metric), else None."""
-    missing = [f for f in ("id", "question", "dataset") if row.get(f) is None or row.get(f) == ""]
+    missing = input_problem(row, ("id", "question", "dataset"))
     if missing:
-        return f"input row has no {' or '.join(repr(f) for f in missing)}"
+        return missing
     if row["dataset"] not in metrics.METRIC_NAME:
         return f"unknown dataset {row['dataset']!r} (no metric; known: {sorted(metrics.METRIC_NAME)})"
     return None
