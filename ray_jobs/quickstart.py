@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.jobs import run_main, setup_logging
+from pipeline import storage
+from pipeline.config import ConfigError, load_config
+from pipeline.quickstart import QuickstartConfig, run
+from ray_jobs._shell import config_error, run_main, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,12 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="a smaller, faster run (CI)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port for the served app (127.0.0.1)")
     args = parser.parse_args(argv)
-    from pipeline.quickstart import run
+    try:
+        cfg = load_config(QuickstartConfig, overrides={"out": args.out, "small": args.small, "port": args.port})
+    except ConfigError as e:
+        raise config_error("quickstart", e) from None
 
     def body() -> None:
-        report = run(args.out, small=args.small, port=args.port)
+        report = run(cfg).report
         print(f"\nquickstart complete. Report: {report}\n")
-        print(open(report).read() if not report.startswith("s3://") else "")
+        print(storage.read_text(report) if not storage.is_s3(report) else "")
 
     return run_main(body)
 
