@@ -27,8 +27,8 @@ class ConfigError(ValueError):
 
 class UsageError(ValueError):
     """A job cannot run as asked (an input of the wrong kind, an output dir holding something else);
-    the message says what to change. ``run_main`` reports it as one line; any other ValueError is a
-    bug and keeps its traceback."""
+    the message says what to change. The CLI (``ray_jobs._shell.run_main``) reports it as one line; any
+    other ValueError is a bug and keeps its traceback."""
 
 
 # ---------------------------------------------------------------- shared sections

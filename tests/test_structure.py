@@ -96,3 +96,20 @@ def test_validating_a_config_stays_cheap():
                          env={**os.environ, "PYTHONPATH": REPO})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "", f"importing the job configs imported {out.stdout.strip()}"
+
+
+def test_a_job_runs_in_process_from_a_config_object_and_returns_its_manifest(tmp_path):
+    """The README's Python use: load a shipped config, update nested sections, ``run(cfg)``; the returned
+    Manifest is what the job wrote to manifest.json."""
+    from pipeline.config import ConfigError, load_config, updated
+    from pipeline.manifest import Manifest, read_manifest
+    from pipeline.preparation import PrepareConfig, run
+
+    cfg = load_config(PrepareConfig, os.path.join(REPO, "configs", "prepare.yaml"))
+    source = cfg.sources[0].model_copy(update={"path": os.path.join(REPO, cfg.sources[0].path), "limit": 7})
+    manifest = run(updated(cfg, {"sources": [source], "output": {"dir": str(tmp_path / "prep")}}))
+    assert isinstance(manifest, Manifest) and manifest.job == "prepare" and manifest.counts["rows_out"] == 7
+    assert read_manifest(str(tmp_path / "prep")) == manifest.to_dict()
+    assert manifest.config["sources"][0]["limit"] == 7 and cfg.sources[0].limit is None  # the loaded config is untouched
+    with pytest.raises(ConfigError, match=r"sources\.0\.limit"):
+        updated(cfg, {"sources": [{"dataset": "gsm8k", "path": "x", "limit": -1}]})
