@@ -53,6 +53,7 @@ from pipeline.backends.base import BackendUnavailable
 from pipeline.cluster import init_ray
 from pipeline.config import ActorPoolConfig, UsageError
 from pipeline.cost import add_cost
+from pipeline.outputs import ShardedJobConfig
 
 log = logging.getLogger(__name__)
 
@@ -395,13 +396,13 @@ def run_summary(agg: dict[str, Any], pricing, wall_s: float) -> tuple[dict[str, 
     return counts, usage
 
 
-def run_sharded_job(cfg: Any, requests: Iterable[dict[str, Any]], worker_cls: type[ShardWorker], label: str,
+def run_sharded_job(cfg: ShardedJobConfig, requests: Iterable[dict[str, Any]], worker_cls: type[ShardWorker], label: str,
                     started_at: float, **worker_kwargs: Any) -> tuple[dict[str, int], dict[str, Any], dict[str, Any]]:
     """What generate, solve and infer share: join Ray, stage ``requests`` as shards under ``cfg.output.dir``
     (resuming a run with the same ``cfg.fingerprint()``), run the pending ones on actors of ``worker_cls``
     (each built with ``cfg`` itself, plus ``worker_kwargs``), and price the result.
 
-    ``cfg`` is a :class:`~pipeline.outputs.ShardedJobConfig`. Returns ``(counts, usage, shard totals)``.
+    Returns ``(counts, usage, shard totals)``.
     """
     init_ray(cfg.ray)
     layout = Layout(cfg.output.dir)
