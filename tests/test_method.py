@@ -110,3 +110,14 @@ def test_solve_given_starts_from_a_decomposition():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="unknown mode 'tree'"):
         method.program("tree", ROW, method.Settings())
+
+
+def test_bootstrap_interval_brackets_the_mean_and_narrows_with_n():
+    from pipeline.evaluation import bootstrap_ci
+
+    small = bootstrap_ci([1.0, 0.0] * 10)
+    large = bootstrap_ci([1.0, 0.0] * 500)
+    assert small[0] < 0.5 < small[1] and large[0] < 0.5 < large[1]
+    assert (large[1] - large[0]) < (small[1] - small[0]) / 3
+    assert bootstrap_ci([1.0] * 7) == (1.0, 1.0) and bootstrap_ci([]) is None
+    assert bootstrap_ci([1.0, 0.0, 1.0]) == bootstrap_ci([1.0, 0.0, 1.0])  # seeded: a report is reproducible
