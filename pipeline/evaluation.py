@@ -110,16 +110,6 @@ def bootstrap_ci(values: list[float], resamples: int = BOOTSTRAP_RESAMPLES, seed
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def primary(dataset: str, s: dict[str, Any]) -> float:
-    """The dataset's headline figure of a :func:`summarize` dict (its metric's mean)."""
-    return _primary(dataset, {"em": s["em"], "f1": s["f1"], "correct": s["accuracy"]})
-
-
-def _primary(dataset: str, scores: dict[str, Any]) -> float:
-    """:func:`~pipeline.metrics.primary_metric`; a dataset without a metric (only in quarantined rows) reads accuracy."""
-    return primary_metric(dataset, scores) if dataset in METRIC_NAME else float(scores["correct"] or 0.0)
-
-
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     results: dict[str, Any] = {"title": cfg.title, "settings": [], "table": []}
     for ref in cfg.settings:
@@ -139,9 +129,11 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         for dataset in sorted({str(r["dataset"]) for r in every}):
             subset = [r for r in every if str(r["dataset"]) == dataset]
             s = summarize(subset, cfg.pricing)
-            per_question = [_primary(dataset, _as_wrong(r)) for r in subset]
-            s.update(setting=ref.name, dataset=dataset, metric=METRIC_NAME.get(dataset, "accuracy"), score=primary(dataset, s),
-                     score_ci95=bootstrap_ci(per_question))
+            # a dataset without a metric can only come from quarantined rows (all wrong): read as accuracy
+            means = {"em": s["em"], "f1": s["f1"], "correct": s["accuracy"]}
+            per_question = [primary_metric(dataset, _as_wrong(r), unknown="accuracy") for r in subset]
+            s.update(setting=ref.name, dataset=dataset, metric=METRIC_NAME.get(dataset, "accuracy"),
+                     score=primary_metric(dataset, means, unknown="accuracy"), score_ci95=bootstrap_ci(per_question))
             results["table"].append(s)
     out = cfg.output.dir
     storage.write_json(storage.join(out, "results.json"), results)

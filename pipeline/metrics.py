@@ -11,11 +11,12 @@ from __future__ import annotations
 import re
 import string
 from fractions import Fraction
-from typing import Sequence, Union
+from typing import Any, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
-from .parsing import find_numbers
+from pipeline import datasets
+from pipeline.parsing import find_numbers
 
 __all__ = [
     "METRIC_NAME",
@@ -28,7 +29,29 @@ __all__ = [
     "primary_metric",
 ]
 
-METRIC_NAME = {"gsm8k": "exact_match", "drop": "f1", "bamboogle": "accuracy", "generic": "accuracy"}
+
+
+class _MetricNames(Mapping[str, str]):
+    """``{dataset: metric}`` read from the registry (:mod:`pipeline.datasets`), so a dataset registered
+    later is in it too."""
+
+    def __getitem__(self, name: str) -> str:
+        found = datasets.find(name)
+        if found is None:
+            raise KeyError(name)
+        return found.metric
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(datasets.names())
+
+    def __len__(self) -> int:
+        return len(datasets.names())
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+METRIC_NAME: Mapping[str, str] = _MetricNames()
 
 Span = Union[str, Sequence[str]]
 
@@ -288,28 +311,31 @@ def bamboogle_match(predicted: str | None, gold_answers: list[str], max_extra_wo
 
 
 def score(dataset: str, predicted: str | None, gold_answers: list[str], f1_threshold: float = 0.5) -> dict:
-    """``{"em", "f1", "correct"}`` for one prediction; None scores zero. DROP: correct = f1 >= threshold."""
-    if dataset not in METRIC_NAME:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(METRIC_NAME)}")
+    """``{"em", "f1", "correct"}`` for one prediction by the dataset's metric; None scores zero.
+    ``f1`` metric (DROP): correct = f1 >= threshold."""
+    metric = datasets.get(dataset).metric
     if predicted is None:
         return {"em": 0.0, "f1": 0.0, "correct": False}
-    if dataset == "gsm8k":
+    if metric == "exact_match":
         em = gsm8k_em(predicted, gold_answers)
         return {"em": em, "f1": em, "correct": em == 1.0}
-    if dataset == "drop":
+    if metric == "f1":
         em, f1 = drop_em_f1(predicted, gold_answers)
         return {"em": em, "f1": f1, "correct": f1 >= f1_threshold}
     acc = bamboogle_match(predicted, gold_answers)
     return {"em": acc, "f1": acc, "correct": acc == 1.0}
 
 
-def primary_metric(dataset: str, scores: dict) -> float:
-    """The dataset's headline number from a :func:`score` dict (or a dict of their means)."""
-    name = METRIC_NAME.get(dataset)
-    if name is None:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(METRIC_NAME)}")
+def primary_metric(dataset: str, scores: Mapping[str, Any], *, unknown: str | None = None) -> float:
+    """The dataset's headline number from a :func:`score` dict (or a dict of their means): em, f1 or
+    correct by its metric. An unknown dataset raises, unless ``unknown`` names the metric to read
+    (evaluation reads a quarantined row of an unknown dataset as ``accuracy``)."""
+    found = datasets.find(dataset)
+    if found is None and unknown is None:
+        raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(datasets.names())}")
+    name = found.metric if found is not None else unknown
     if name == "exact_match":
         return float(scores["em"])
     if name == "f1":
         return float(scores["f1"])
-    return float(scores["correct"])
+    return float(scores["correct"] or 0.0)

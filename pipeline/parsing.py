@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from pipeline import datasets
+
 __all__ = [
     "ParseError",
     "NO_DECOMPOSITION",
@@ -224,11 +226,10 @@ def parse_solver_output(text: str) -> tuple[list[str], str | None]:
 
 
 def extract_answer(text: str, dataset: str) -> str | None:
-    """The final answer in a model output: the marker's answer; for GSM8K else the last number."""
+    """The final answer in a model output: the marker's answer; else, for a dataset whose registry entry
+    allows it (numeric answers: GSM8K), the last number."""
     ans = _final_answer(text)
-    if dataset == "gsm8k":
-        if ans is not None:
-            return ans
+    if ans is None and getattr(datasets.find(dataset), "last_number_fallback", False):
         return last_number(text)
     return ans
 

@@ -8,9 +8,9 @@ function returns OpenAI-style messages; demos are prior user/assistant turns.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from .parsing import NO_DECOMPOSITION, format_subquestions
+from pipeline import datasets
+from pipeline.datasets import Dataset, Demo
+from pipeline.parsing import NO_DECOMPOSITION, format_subquestions
 
 __all__ = [
     "PROMPT_VERSION",
@@ -30,93 +30,9 @@ Messages = list[dict[str, str]]
 History = list[tuple[str, str]]
 
 
-@dataclass(frozen=True)
-class _Demo:
-    question: str
-    subquestions: tuple[str, ...]
-    subanswers: tuple[str, ...]
-    answer: str
-    reasoning: str  # chain of thought, for the CoT baseline
-    context: str = ""
-
-
-_MUFFINS = _Demo(
-    question="A baker makes 24 muffins a day and gives away 4. He sells the rest for $3 each. "
-    "How much money does he make in a week?",
-    subquestions=(
-        "How many muffins does he sell each day?",
-        "How much money does he make each day?",
-        "How much money does he make in a week?",
-    ),
-    subanswers=("He sells 24 - 4 = 20 muffins.", "He makes 20 * 3 = $60.", "He makes 60 * 7 = $420."),
-    answer="420",
-    reasoning="He sells 24 - 4 = 20 muffins a day for 20 * 3 = $60. In a week he makes 60 * 7 = $420.",
-)
-_MARBLES = _Demo(
-    question="Tom has 15 marbles. He buys 2 bags of 6 marbles and gives 5 marbles to his sister. "
-    "How many marbles does he have now?",
-    subquestions=("How many marbles are in the 2 bags?", "How many marbles does Tom have now?"),
-    subanswers=("2 * 6 = 12 marbles.", "15 + 12 - 5 = 22 marbles."),
-    answer="22",
-    reasoning="The bags hold 2 * 6 = 12 marbles, so Tom has 15 + 12 - 5 = 22 marbles.",
-)
-_FIELD_GOALS = _Demo(
-    context="The Bears opened the scoring with a 12-yard touchdown run by Lee. The Hawks replied "
-    "with field goals of 45 and 31 yards. In the third quarter Lee caught a 7-yard touchdown pass, "
-    "and the Hawks added a 28-yard field goal.",
-    question="How many yards longer was the longest field goal than the shortest?",
-    subquestions=(
-        "How long was the longest field goal?",
-        "How long was the shortest field goal?",
-        "What is the difference between the two lengths?",
-    ),
-    subanswers=("45 yards.", "28 yards.", "45 - 28 = 17."),
-    answer="17",
-    reasoning="The field goals were 45, 31 and 28 yards. The longest minus the shortest is 45 - 28 = 17.",
-)
-_HOUSEHOLDS = _Demo(
-    context="Of all households, 48% were married couples living together and 11% had a female "
-    "householder with no husband present.",
-    question="What percent of households were married couples?",
-    subquestions=(),
-    subanswers=(),
-    answer="48",
-    reasoning="The passage says 48% of households were married couples.",
-)
-_EIFFEL = _Demo(
-    question="Who was the US president when the Eiffel Tower was completed?",
-    subquestions=("When was the Eiffel Tower completed?", "Who was the US president in that year?"),
-    subanswers=("1889.", "Benjamin Harrison."),
-    answer="Benjamin Harrison",
-    reasoning="The Eiffel Tower was completed in 1889. The US president in 1889 was Benjamin Harrison.",
-)
-_TELEPHONE = _Demo(
-    question="In what country was the inventor of the telephone born?",
-    subquestions=("Who invented the telephone?", "In what country was he born?"),
-    subanswers=("Alexander Graham Bell.", "Scotland."),
-    answer="Scotland",
-    reasoning="The telephone was invented by Alexander Graham Bell, who was born in Scotland.",
-)
-
-# Two decomposer demos per dataset; the first one also serves the solver/baseline prompts.
-_DEMOS: dict[str, tuple[_Demo, _Demo]] = {
-    "gsm8k": (_MUFFINS, _MARBLES),
-    "drop": (_FIELD_GOALS, _HOUSEHOLDS),
-    "bamboogle": (_EIFFEL, _TELEPHONE),
-    "generic": (_EIFFEL, _MUFFINS),
-}
-
-_ANSWER_STYLE = {
-    "gsm8k": "The final answer is a number only, without units.",
-    "drop": "The final answer is short: a number (as digits) or a few words from the passage, at most 5 words.",
-    "bamboogle": "The final answer is short: at most 5 words, numbers as digits.",
-    "generic": "The final answer is short: at most 5 words, numbers as digits.",
-}
-
-
-def _dataset(row: dict) -> str:
-    ds = row.get("dataset", "generic")
-    return ds if ds in _DEMOS else "generic"
+def _dataset(row: dict) -> Dataset:
+    """The row's registry entry; a dataset the registry does not know is prompted like ``generic``."""
+    return datasets.find(row.get("dataset")) or datasets.GENERIC
 
 
 def _question_block(question: str, context: str) -> str:
@@ -129,7 +45,7 @@ def _row_block(row: dict) -> str:
     return _question_block(row["question"], row.get("context") or "")
 
 
-def _demo_block(demo: _Demo) -> str:
+def _demo_block(demo: Demo) -> str:
     return _question_block(demo.question, demo.context)
 
 
@@ -161,7 +77,7 @@ def decomposer_messages(row: dict, few_shot: bool = True) -> Messages:
     """
     ds = _dataset(row)
     system = _DECOMPOSER_SYSTEM + (_PASSAGE_NOTE if (row.get("context") or "").strip() else "")
-    turns = [(_demo_block(d), format_subquestions(list(d.subquestions))) for d in _DEMOS[ds]] if few_shot else []
+    turns = [(_demo_block(d), format_subquestions(list(d.subquestions))) for d in ds.demos] if few_shot else []
     return _msgs(system, turns, _row_block(row))
 
 
@@ -191,9 +107,9 @@ def solver_messages(row: dict, subquestions: list[str], few_shot: bool = True) -
     ds = _dataset(row)
     system = (
         "Answer the subquestions in order, one line each (A1: ..., A2: ...); later answers may use "
-        "earlier ones. Then write the final line: The answer is: <answer>. " + _ANSWER_STYLE[ds]
+        "earlier ones. Then write the final line: The answer is: <answer>. " + ds.answer_style
     )
-    demo = _DEMOS[ds][0]
+    demo = ds.demos[0]
     turns = []
     if few_shot:
         turns = [
@@ -211,8 +127,8 @@ def solver_messages(row: dict, subquestions: list[str], few_shot: bool = True) -
 def direct_messages(row: dict, few_shot: bool = True) -> Messages:
     """Single-stage baseline: reply with only "The answer is: <answer>"."""
     ds = _dataset(row)
-    system = "Answer the question. Reply with one line: The answer is: <answer>. " + _ANSWER_STYLE[ds]
-    demo = _DEMOS[ds][0]
+    system = "Answer the question. Reply with one line: The answer is: <answer>. " + ds.answer_style
+    demo = ds.demos[0]
     turns = [(_demo_block(demo), f"The answer is: {demo.answer}")] if few_shot else []
     return _msgs(system, turns, _row_block(row))
 
@@ -222,9 +138,9 @@ def cot_messages(row: dict, few_shot: bool = True) -> Messages:
     ds = _dataset(row)
     system = (
         "Answer the question. Think step by step, then end with the line: The answer is: <answer>. "
-        + _ANSWER_STYLE[ds]
+        + ds.answer_style
     )
-    demo = _DEMOS[ds][0]
+    demo = ds.demos[0]
     turns = [(_demo_block(demo), f"{demo.reasoning}\nThe answer is: {demo.answer}")] if few_shot else []
     return _msgs(system, turns, _row_block(row))
 
@@ -254,7 +170,7 @@ def dynamic_messages(row: dict, history: History, few_shot: bool = True) -> Mess
     (see :func:`pipeline.parsing.parse_dynamic_step`).
     """
     ds = _dataset(row)
-    demo = _DEMOS[ds][0]
+    demo = ds.demos[0]
     turns = []
     if few_shot:
         pairs = list(zip(demo.subquestions, demo.subanswers))
@@ -263,7 +179,7 @@ def dynamic_messages(row: dict, history: History, few_shot: bool = True) -> Mess
             (block, f"Follow up: {demo.subquestions[0]}"),
             (_dynamic_user(block, pairs), f"So the final answer is: {demo.answer}"),
         ]
-    return _msgs(_DYNAMIC_SYSTEM + _ANSWER_STYLE[ds], turns, _dynamic_user(_row_block(row), history))
+    return _msgs(_DYNAMIC_SYSTEM + ds.answer_style, turns, _dynamic_user(_row_block(row), history))
 
 
 def dynamic_answer_messages(row: dict, history: History, question: str, few_shot: bool = True) -> Messages:
@@ -278,7 +194,7 @@ def dynamic_answer_messages(row: dict, history: History, question: str, few_shot
     def user(block: str, hist: History, q: str) -> str:
         return f"{_dynamic_user(block, hist)}\nFollow up: {' '.join(q.split())}"
 
-    demo = _DEMOS[ds][0]
+    demo = ds.demos[0]
     turns = []
     if few_shot and len(demo.subquestions) >= 2:
         first = [(demo.subquestions[0], demo.subanswers[0])]

@@ -13,8 +13,6 @@ from typing import Any
 
 import pyarrow as pa
 
-DATASETS = ("gsm8k", "drop", "bamboogle", "generic")
-
 MAX_QUESTION_CHARS = 4_000
 MAX_CONTEXT_CHARS = 40_000
 

@@ -14,19 +14,23 @@ then streams rows lazily. A malformed row never raises: it comes out as ``Reject
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
 from typing import Callable, Iterator
 
-from pipeline.data import bamboogle, drop, generic, gsm8k
+from pipeline import datasets
 from pipeline.data.hub import load_hub
 from pipeline.data.sources import FILE_DAMAGE, RowParser, SourceConfig, SourceReadError, check_file, resolve_format, take_good
 from pipeline.schema import Question, Rejected
 
-_MODULES = {"gsm8k": gsm8k, "drop": drop, "bamboogle": bamboogle, "generic": generic}
+def loader(dataset: str) -> ModuleType:
+    """The loader module the registry names for ``dataset`` (``load(src)``, ``row_parser(src)``)."""
+    return importlib.import_module(datasets.get(dataset).loader)
 
 
 def row_parser(src: SourceConfig) -> RowParser:
     """The dataset's ``parser(row_dict, position) -> Question`` (raises RowError)."""
-    return _MODULES[src.dataset].row_parser(src)
+    return loader(src.dataset).row_parser(src)
 
 
 def load_source(src: SourceConfig) -> Iterator[Question | Rejected]:
@@ -35,8 +39,8 @@ def load_source(src: SourceConfig) -> Iterator[Question | Rejected]:
         return take_good(load_hub(src, row_parser(src)), src.limit)
     resolve_format(src)
     check_file(src.path)
-    loader: Callable[[SourceConfig], Iterator[Question | Rejected]] = _MODULES[src.dataset].load
-    return take_good(_guard(loader(src), src), src.limit)
+    load: Callable[[SourceConfig], Iterator[Question | Rejected]] = loader(src.dataset).load
+    return take_good(_guard(load(src), src), src.limit)
 
 
 def _guard(rows: Iterator[Question | Rejected], src: SourceConfig) -> Iterator[Question | Rejected]:
@@ -62,4 +66,4 @@ def load_questions(src: SourceConfig) -> tuple[list[Question], list[Rejected]]:
     return good, bad
 
 
-__all__ = ["SourceConfig", "load_source", "load_questions", "row_parser"]
+__all__ = ["SourceConfig", "load_source", "load_questions", "loader", "row_parser"]

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Optional
 import pyarrow.fs as pafs
 from pydantic import Field, field_validator, model_validator
 
-from pipeline import storage
+from pipeline import datasets, storage
 from pipeline.config import Strict, UsageError
 from pipeline.schema import Question, Rejected, RowError, validate_question
 
@@ -48,7 +48,7 @@ _EXTENSIONS = {
 class SourceConfig(Strict):
     """One input file (or hub dataset) and how to read it."""
 
-    dataset: Literal["gsm8k", "drop", "bamboogle", "generic"]
+    dataset: str = Field(..., description="A registered dataset (pipeline/datasets.py): gsm8k, drop, bamboogle, generic, ...")
     path: str = Field(..., description="Local path, s3:// URI, or hf://<repo_id> for the Hugging Face hub.")
     split: str = Field("test", description="Split name used in ids (<dataset>:<split>:<source id>).")
     format: Literal["auto", "jsonl", "json", "csv", "parquet"] = Field(
@@ -62,6 +62,11 @@ class SourceConfig(Strict):
     )
     hub_config: Optional[str] = Field(None, description="Hub dataset config name, e.g. 'socratic' for openai/gsm8k.")
     hub_split: Optional[str] = Field(None, description="Hub split to read (default: split).")
+
+    @field_validator("dataset")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        return datasets.check_name(v)
 
     @field_validator("path")
     @classmethod

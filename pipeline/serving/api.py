@@ -25,9 +25,9 @@ from typing import Any, Literal, Optional, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pipeline import datasets
 from pipeline.serving.config import LimitsConfig, ServeSamplingConfig
 
-DATASETS = ("gsm8k", "drop", "bamboogle", "generic")
 _M = TypeVar("_M", bound=BaseModel)
 
 
@@ -102,7 +102,12 @@ class SolveRequest(BaseModel):
 
     question: str
     context: Optional[str] = None
-    dataset: Optional[Literal["gsm8k", "drop", "bamboogle", "generic"]] = None
+    dataset: Optional[str] = None  # a registered dataset (pipeline/datasets.py): its prompt style and answer reading
+
+    @field_validator("dataset")
+    @classmethod
+    def _registered(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else datasets.check_name(v)
 
     def check(self, limits: LimitsConfig) -> None:
         if not self.question.strip():
