@@ -25,7 +25,7 @@ NAME = "bench_rate_limit"
 
 def backend(base_url: str, **kw):
     from pipeline.backends.openai_http import OpenAIBackend
-    from pipeline.config import OpenAIBackendConfig
+    from pipeline.backends import OpenAIBackendConfig
 
     cfg = dict(base_url=base_url, model="stub", api_key_env=None, concurrency=32, timeout_s=10.0, max_retries=3,
                backoff_base_s=0.01, backoff_max_s=1.0)

@@ -15,10 +15,9 @@ from typing import Any, ClassVar, Optional
 import pyarrow as pa
 from pydantic import Field
 
-from pipeline.backends import Request, SamplingParams, make_backend
+from pipeline.backends import BackendConfig, Request, SamplingParams, make_backend
 from pipeline.backends.openai_batch import chunk_size
 from pipeline.cost import ledger_usage
-from pipeline.config import BackendConfig, SamplingConfig
 from pipeline.manifest import Manifest
 from pipeline.outputs import ShardedJobConfig, filtered_rows
 from pipeline.parsing import ParseError
@@ -57,7 +56,7 @@ GENERATE_SCHEMA = pa.schema(
 
 class GenerateConfig(ShardedJobConfig):
     teacher: BackendConfig
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
     few_shot: bool = Field(True, description="Include the worked demonstrations in the teacher prompt.")
     max_subquestions: int = Field(10, ge=1)
 
@@ -102,7 +101,7 @@ class DecomposeWorker(ShardWorker):
     def __init__(self, out_dir: str, cfg: GenerateConfig):
         super().__init__(out_dir)
         self.backend = make_backend(cfg.teacher, cfg.cache_dir, job_dir=out_dir)
-        self.params = SamplingParams.from_config(cfg.sampling)
+        self.params = cfg.sampling
         self.few_shot = cfg.few_shot
         self.max_subquestions = cfg.max_subquestions
         self.batch_size = chunk_size(self.backend, cfg.pool.batch_size)  # a Batch-API teacher takes the whole shard

@@ -25,11 +25,11 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipeline import metrics, prompts
-from pipeline.backends import Request, SamplingParams, make_backend
+from pipeline.backends import BackendConfig, Request, SamplingParams, make_backend
 from pipeline.backends.openai_batch import chunk_size
 from pipeline.backends.reference import gold_pairs
 from pipeline.cost import backend_mode, ledger_counts, merge
-from pipeline.config import BackendConfig, SamplingConfig, UsageError
+from pipeline.config import UsageError
 from pipeline.generation import input_problem
 from pipeline.manifest import Manifest
 from pipeline.outputs import ShardedJobConfig, filtered_rows
@@ -80,8 +80,8 @@ class InferConfig(ShardedJobConfig):
     mode: Mode = "static"
     decomposer: Optional[BackendConfig] = Field(None, description="Required for static and dynamic modes.")
     solver: BackendConfig
-    decomposer_sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_tokens=128))
-    solver_sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_tokens=256))
+    decomposer_sampling: SamplingParams = Field(default_factory=lambda: SamplingParams(max_tokens=128))
+    solver_sampling: SamplingParams = Field(default_factory=lambda: SamplingParams(max_tokens=256))
     decomposer_few_shot: bool = Field(False, description="Students are trained zero-shot; teachers want the demos.")
     solver_few_shot: bool = True
     max_dynamic_steps: int = Field(6, ge=1)
@@ -120,8 +120,8 @@ class InferWorker(ShardWorker):
         self.cfg = c = cfg
         self.solver = make_backend(c.solver, c.cache_dir, job_dir=out_dir)
         self.decomposer = make_backend(c.decomposer, c.cache_dir, job_dir=out_dir) if c.decomposer is not None else None
-        self.dec_params = SamplingParams.from_config(c.decomposer_sampling)
-        self.sol_params = SamplingParams.from_config(c.solver_sampling)
+        self.dec_params = c.decomposer_sampling
+        self.sol_params = c.solver_sampling
         self.batch_size = max(chunk_size(b, c.pool.batch_size) for b in (self.solver, self.decomposer) if b is not None)
 
     # ---- one stage over many rows: batched backend calls ----

@@ -21,8 +21,8 @@ from pydantic import Field
 
 from pipeline import evaluation, generation, inference, preparation, selection, solving, storage, tables
 from pipeline.cluster import init_ray
-from pipeline.config import (HFBackendConfig, OpenAIBackendConfig, RayConfig, ReferenceBackendConfig, Strict, load_config,
-                             updated)
+from pipeline.backends import HFBackendConfig, OpenAIBackendConfig, ReferenceBackendConfig
+from pipeline.config import RayConfig, Strict, load_config, updated
 from pipeline.data import SourceConfig
 from pipeline.evaluation import EvaluateConfig, SettingRef
 from pipeline.generation import GenerateConfig

@@ -35,10 +35,10 @@ import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
 from pipeline import storage, tables
-from pipeline.backends import Request, SamplingParams, make_backend
+from pipeline.backends import BackendConfig, Request, SamplingParams, make_backend
 from pipeline.backends.openai_batch import chunk_size
 from pipeline.cost import ledger_usage
-from pipeline.config import BackendConfig, SamplingConfig, UsageError
+from pipeline.config import UsageError
 from pipeline.generation import GENERATE_SCHEMA, input_problem, usage_of
 from pipeline.manifest import Manifest
 from pipeline.metrics import METRIC_NAME, score
@@ -81,7 +81,7 @@ SOLVE_SCHEMA = solve_schema(GENERATE_SCHEMA)
 
 class SolveConfig(ShardedJobConfig):
     solver: BackendConfig
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
     few_shot: bool = Field(True, description="Include the worked demonstration in the solver prompt.")
     drop_f1_threshold: float = Field(0.5, ge=0.0, le=1.0, description="DROP: a prediction is correct when F1 >= this.")
 
@@ -90,7 +90,7 @@ class SolveConfig(ShardedJobConfig):
 
     @field_validator("sampling")
     @classmethod
-    def _one_solve_per_decomposition(cls, v: SamplingConfig) -> SamplingConfig:
+    def _one_solve_per_decomposition(cls, v: SamplingParams) -> SamplingParams:
         if v.n != 1:
             raise ValueError("solve answers each decomposition once: sampling.n must be 1 "
                              "(sample more decompositions in generate instead)")
@@ -124,7 +124,7 @@ class SolveWorker(ShardWorker):
         if schema is not None:
             self.schema = schema
         self.backend = make_backend(cfg.solver, cfg.cache_dir, job_dir=out_dir)
-        self.params = SamplingParams.from_config(cfg.sampling)
+        self.params = cfg.sampling
         self.few_shot = cfg.few_shot
         self.drop_f1_threshold = cfg.drop_f1_threshold
         self.batch_size = chunk_size(self.backend, cfg.pool.batch_size)  # a Batch-API solver takes the whole shard

@@ -70,7 +70,7 @@ def test_structured_output_parse_and_fallback():
 
 
 def test_token_counter_uses_the_teachers_tokenizer(tiny_model_dir):
-    from pipeline.config import HFBackendConfig, OpenAIBackendConfig
+    from pipeline.backends import HFBackendConfig, OpenAIBackendConfig
 
     messages = [{"role": "user", "content": "How many apples does Natalia have left?"}]
     hf = TokenCounter(HFBackendConfig(model=tiny_model_dir))

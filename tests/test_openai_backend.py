@@ -23,7 +23,7 @@ if str(_ROOT) not in sys.path:  # the project may not be pip-installed: make `pi
 from pipeline.backends.base import BackendUnavailable, Request, SamplingParams
 from pipeline.backends.openai_http import OpenAIBackend, parse_retry_after
 from pipeline.backends.rate_limit import AsyncRateLimiter
-from pipeline.config import OpenAIBackendConfig
+from pipeline.backends import OpenAIBackendConfig
 from tests.servers.openai_stub import DECOMPOSITION_REPLY, SOLUTION_REPLY, OpenAIStubServer, StubHTTPError
 
 KEY_VAR = "DIVCONQ_TEST_TEACHER_KEY"

@@ -12,7 +12,7 @@ from pipeline import storage, tables
 from pipeline.backends.base import Request, SamplingParams
 from pipeline.backends.openai_http import OpenAIBackend
 from pipeline.backends.rate_limit import parse_rate_limit_headers, parse_reset
-from pipeline.config import OpenAIBackendConfig
+from pipeline.backends import OpenAIBackendConfig
 from ray_jobs import generate
 from tests.conftest import REPO
 from tests.servers.openai_stub import OpenAIStubServer

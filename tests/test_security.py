@@ -216,7 +216,7 @@ def test_no_unsafe_deserialization_in_the_code():
 def test_configs_do_not_trust_remote_code():
     import yaml
 
-    from pipeline.config import HFBackendConfig
+    from pipeline.backends import HFBackendConfig
     from training.config import TrainModelConfig
 
     assert HFBackendConfig(model="m").trust_remote_code is False

@@ -103,7 +103,7 @@ def test_solver_proxies_an_openai_endpoint(served):
     the ingress) while the replica keeps serving."""
     from ray import serve
 
-    from pipeline.config import OpenAIBackendConfig
+    from pipeline.backends import OpenAIBackendConfig
     from pipeline.serving.deployments import Solver
     from tests.servers.openai_stub import SOLUTION_REPLY, OpenAIStubServer
 
@@ -187,7 +187,7 @@ def test_our_openai_backend_uses_it_as_teacher(served):
     """pipeline.backends.openai_http.OpenAIBackend (the teacher client of our jobs) against the app."""
     from pipeline.backends.base import Request, SamplingParams
     from pipeline.backends.openai_http import OpenAIBackend
-    from pipeline.config import OpenAIBackendConfig
+    from pipeline.backends import OpenAIBackendConfig
     from pipeline.prompts import decomposer_messages
 
     backend = OpenAIBackend(OpenAIBackendConfig(base_url=served["base"] + "/v1", model=SERVED, api_key_env=None,

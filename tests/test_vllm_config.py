@@ -11,7 +11,7 @@ from pipeline.backends.base import SamplingParams
 def _cfg(**over):
     from pydantic import TypeAdapter
 
-    from pipeline.config import BackendConfig
+    from pipeline.backends import BackendConfig
 
     return TypeAdapter(BackendConfig).validate_python({"type": "vllm", "model": "/models/teacher", **over})
 

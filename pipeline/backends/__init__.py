@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Optional, Union
+
+from pydantic import Field
 
 from pipeline.backends.base import Backend, BackendUnavailable, Completion, Request, SamplingParams
 from pipeline.backends.cache import CachedBackend
-from pipeline.backends.hf_local import HFBackend
+from pipeline.backends.hf_local import HFBackend, HFBackendConfig
 from pipeline.backends.openai_batch import OpenAIBatchBackend
-from pipeline.backends.openai_http import OpenAIBackend
-from pipeline.backends.reference import ReferenceBackend
-from pipeline.backends.vllm_engine import VLLMBackend
+from pipeline.backends.openai_http import OpenAIBackend, OpenAIBackendConfig, OpenAIBatchConfig
+from pipeline.backends.reference import ReferenceBackend, ReferenceBackendConfig
+from pipeline.backends.vllm_engine import VLLMBackend, VLLMBackendConfig
 
-__all__ = ["Backend", "BackendUnavailable", "Completion", "Request", "SamplingParams", "make_backend"]
+# A job config's backend section: each type's schema lives beside its backend.
+BackendConfig = Annotated[
+    Union[OpenAIBackendConfig, HFBackendConfig, ReferenceBackendConfig, VLLMBackendConfig],
+    Field(discriminator="type"),
+]
+
+__all__ = ["Backend", "BackendConfig", "BackendUnavailable", "Completion", "HFBackendConfig", "OpenAIBackendConfig",
+           "OpenAIBatchConfig", "ReferenceBackendConfig", "Request", "SamplingParams", "VLLMBackendConfig", "make_backend"]
 
 
 def make_backend(cfg, cache_dir: Optional[str] = None, job_dir: Optional[str] = None) -> Backend:

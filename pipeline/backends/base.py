@@ -13,34 +13,33 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from pydantic import Field
+
+from pipeline.config import Strict
 
 Messages = list[dict[str, str]]
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_tokens: int = 256
-    seed: int = 0
+class SamplingParams(Strict, frozen=True):
+    """How to sample completions: the one sampling type. A job config's ``sampling`` section, a served
+    model's defaults and a chat request's values are all this; every backend's ``generate`` takes it.
+    Frozen, so hashable: the serve replicas group a batch's requests by it."""
+
+    n: int = Field(1, ge=1, description="Samples per question: generate asks n decompositions of each; "
+                                        "every other job and the serve app take 1.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(256, ge=1, le=32768)
+    seed: int = Field(0, description="Sample k of a question is drawn with seed + k.")
     stop: tuple[str, ...] = ()
 
-    @classmethod
-    def from_config(cls, cfg: Any) -> "SamplingParams":
-        return cls(
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            max_tokens=cfg.max_tokens,
-            seed=cfg.seed,
-            stop=tuple(cfg.stop),
-        )
-
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["stop"] = list(self.stop)
-        return d
+        """The parameters of one completion (``n`` is a job's business), as the response cache keys them."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
+                "seed": self.seed, "stop": list(self.stop)}
 
 
 @dataclass

@@ -15,11 +15,31 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any, Literal
+
+from pydantic import Field
 
 from pipeline import storage
 from pipeline.backends.base import Backend, Completion, Request, SamplingParams
+from pipeline.config import Strict
 
 log = logging.getLogger(__name__)
+
+
+class HFBackendConfig(Strict):
+    """``type: hf``: a local Hugging Face causal LM."""
+
+    type: Literal["hf"] = "hf"
+    model: str = Field(..., description="Hub name, local directory or s3:// directory of a causal LM.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    batch_size: int = Field(8, ge=1)
+    trust_remote_code: bool = False
+    max_input_tokens: int = Field(2048, ge=16)
+    truncate_prompts: bool = Field(False, description="A prompt longer than the model takes (max_input_tokens, "
+                                   "the model's context less one): false = quarantine its row; true = cut its "
+                                   "oldest tokens and count it in the manifest (counts.truncated_prompts).")
+    generation_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra model.generate() kwargs, e.g. {repetition_penalty: 1.2}.")
 
 
 def pick_device(requested: str = "auto") -> str:

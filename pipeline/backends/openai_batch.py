@@ -41,8 +41,7 @@ import httpx
 
 from pipeline import storage
 from pipeline.backends.base import Backend, BackendUnavailable, Completion, Request, SamplingParams
-from pipeline.backends.openai_http import AUTH_STATUS, OpenAIBackend, _server_message
-from pipeline.config import OpenAIBackendConfig
+from pipeline.backends.openai_http import AUTH_STATUS, OpenAIBackend, OpenAIBackendConfig, _server_message
 
 log = logging.getLogger(__name__)
 

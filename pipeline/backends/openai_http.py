@@ -40,17 +40,55 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import httpx
+from pydantic import Field
 
 from pipeline.backends.base import Backend, BackendUnavailable, Completion, Request, SamplingParams
 from pipeline.backends.cluster_limit import make_rate_limiter
 from pipeline.backends.rate_limit import AdaptiveConcurrency, AsyncRateLimiter
 from pipeline.structured import structured_request_fields
-from pipeline.config import OpenAIBackendConfig, secret_from_env
+from pipeline.config import Strict, secret_from_env
 
 logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- config (type: openai)
+class OpenAIBackendConfig(Strict):
+    type: Literal["openai"] = "openai"
+    base_url: str = "https://api.openai.com/v1"
+    model: str
+    api_key_env: Optional[str] = Field("OPENAI_API_KEY", description="Name of the env var holding the key (never the key).")
+    concurrency: int = Field(8, ge=1, description="In-flight requests per actor.")
+    requests_per_minute: Optional[float] = Field(None, gt=0, description="Request rate limit of the whole job (see rate_limit_scope).")
+    tokens_per_minute: Optional[float] = Field(None, gt=0, description="Token rate limit of the whole job (see rate_limit_scope).")
+    rate_limit_scope: Literal["job", "actor"] = Field("job", description="job: the limits are shared by all actors of a job "
+                                                      "(a limiter actor); actor: each actor gets the full limit.")
+    rate_limit_burst_s: float = Field(1.0, gt=0, description="Burst allowance of the limiters, in seconds of the limit.")
+    adaptive_concurrency: bool = Field(True, description="Follow the provider's x-ratelimit-* headers and 429s: shrink "
+                                       "in-flight requests, grow back to `concurrency` when headroom returns.")
+    mode: Literal["online", "batch"] = Field("online", description="batch: the provider's Batch API (half price, hours).")
+    batch: "OpenAIBatchConfig" = Field(default_factory=lambda: OpenAIBatchConfig())
+    structured_output: bool = Field(False, description="Ask for the subquestion list as JSON (response_format json_schema).")
+    tokenizer: Optional[str] = Field(None, description="Local HF tokenizer dir for `divconq estimate` (else ~4 chars/token).")
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(6, ge=0)
+    backoff_base_s: float = Field(0.5, ge=0)
+    backoff_max_s: float = Field(30.0, ge=0)
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+
+
+class OpenAIBatchConfig(Strict):
+    completion_window: str = "24h"
+    poll_interval_s: float = Field(30.0, gt=0, description="Seconds between status polls of an in-flight batch.")
+    max_requests: int = Field(50_000, ge=1, description="Provider limit: requests per batch (larger shards are split).")
+    max_file_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="Provider limit: size of a batch input file.")
+    max_submissions: int = Field(3, ge=1, description="Batches per request set: expired/failed requests are resubmitted.")
+    max_wait_s: Optional[float] = Field(None, gt=0, description="Give up (job stops, resumable) after this long.")
+
+
+OpenAIBackendConfig.model_rebuild()
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 NON_RETRYABLE_5XX = frozenset({501, 505})

@@ -19,12 +19,22 @@ Face or vLLM backend in the config instead.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
 
 from pipeline.backends.base import Backend, Completion, Request, SamplingParams
+from pipeline.config import Strict
 from pipeline.parsing import format_subquestions
 from pipeline.prompts import format_solver_output
 from pipeline.similarity import rouge_l
+
+
+class ReferenceBackendConfig(Strict):
+    type: Literal["reference"] = "reference"
+    model: str = "reference-gold"
+    role: Literal["decomposer", "solver"] = "decomposer"
+    coverage_threshold: float = Field(0.8, ge=0.0, le=1.0, description="Oracle solver: ROUGE-L recall of the gold steps needed to answer correctly.")
 
 
 def _word_count(text: str) -> int:

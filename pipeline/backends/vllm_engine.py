@@ -21,11 +21,37 @@ nodes.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal, Optional
+
+from pydantic import Field, model_validator
 
 from pipeline import storage
 from pipeline.backends.base import Backend, BackendUnavailable, Completion, Request, SamplingParams
+from pipeline.config import Strict
 from pipeline.structured import STRUCTURED_ROLES, guided_decoding_params
+
+
+class VLLMBackendConfig(Strict):
+    """GPU generation through Ray Data LLM (``pipeline/backends/vllm_engine.py``)."""
+
+    type: Literal["vllm"] = "vllm"
+    engine: Literal["vllm", "sglang"] = Field("vllm", description="vLLMEngineProcessorConfig or SGLangEngineProcessorConfig.")
+    model: str = Field(..., description="Hub name or a model dir every GPU node can read (s3:// is fetched to the local disk).")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict,
+                                          description="Engine arguments, e.g. {max_model_len: 4096, gpu_memory_utilization: 0.9}.")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine replica (tensor parallel).")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages per engine replica.")
+    concurrency: int = Field(1, ge=1, description="Engine replicas (each tensor x pipeline parallel GPUs).")
+    batch_size: int = Field(64, ge=1, description="Rows per batch sent to an engine replica.")
+    accelerator_type: Optional[str] = Field(None, description="Ray accelerator type of the engine's GPUs, e.g. A10G, H100.")
+    structured_output: bool = Field(False, description="vLLM guided decoding of the subquestion list as JSON.")
+
+    @model_validator(mode="after")
+    def _parallelism_in_one_place(self) -> "VLLMBackendConfig":
+        for key in ("tensor_parallel_size", "pipeline_parallel_size", "tp_size", "pp_size"):
+            if key in self.engine_kwargs:
+                raise ValueError(f"set tensor_parallel_size / pipeline_parallel_size as fields, not engine_kwargs.{key}")
+        return self
 
 
 def engine_kwargs(cfg) -> dict[str, Any]:

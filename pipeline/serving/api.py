@@ -26,7 +26,8 @@ from typing import Any, Literal, Optional, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline import datasets
-from pipeline.serving.config import LimitsConfig, ServeSamplingConfig
+from pipeline.backends.base import SamplingParams
+from pipeline.serving.config import LimitsConfig
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -232,16 +233,14 @@ class ChatRequest(BaseModel):
         if self.tools:
             raise APIError(400, "tools are not supported", param="tools", code="unsupported")
 
-    def sampling(self, defaults: ServeSamplingConfig) -> dict[str, Any]:
-        """SamplingParams fields: request values over the served model's defaults."""
-        max_tokens = self.max_completion_tokens or self.max_tokens or defaults.max_tokens
-        return {
-            "temperature": defaults.temperature if self.temperature is None else self.temperature,
-            "top_p": defaults.top_p if self.top_p is None else self.top_p,
-            "max_tokens": max_tokens,
-            "seed": defaults.seed if self.seed is None else self.seed,
-            "stop": list(self.stop) if self.stop else list(defaults.stop),
-        }
+    def sampling(self, defaults: SamplingParams) -> SamplingParams:
+        """The request's values over the served model's defaults."""
+        values = {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
+                  "max_tokens": self.max_completion_tokens or self.max_tokens, "stop": tuple(self.stop) or None}
+        try:
+            return SamplingParams.model_validate({**defaults.model_dump(), **{k: v for k, v in values.items() if v is not None}})
+        except ValidationError as e:
+            raise from_validation_error(e) from None
 
 
 class ChatUsage(BaseModel):

@@ -25,7 +25,8 @@ import httpx
 
 from pipeline import storage
 from pipeline.cluster import init_ray
-from pipeline.config import ConfigError, HFBackendConfig
+from pipeline.backends.hf_local import HFBackendConfig
+from pipeline.config import ConfigError
 from pipeline.manifest import Manifest
 from pipeline.serving.config import ServeConfig, SolverBackendConfig, load_serve_config, project_root
 

@@ -25,9 +25,12 @@ from __future__ import annotations
 import os
 from typing import Annotated, Any, Literal, Mapping, Optional, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from pipeline.config import HFBackendConfig, OpenAIBackendConfig, Overrides, RayConfig, Strict, load_config
+from pipeline.backends.base import SamplingParams
+from pipeline.backends.hf_local import HFBackendConfig
+from pipeline.backends.openai_http import OpenAIBackendConfig
+from pipeline.config import Overrides, RayConfig, Strict, load_config
 
 __all__ = [
     "ActorOptions",
@@ -37,7 +40,6 @@ __all__ = [
     "IngressConfig",
     "LimitsConfig",
     "ServeConfig",
-    "ServeSamplingConfig",
     "SolverBackendConfig",
     "SolverConfig",
     "load_serve_config",
@@ -86,14 +88,10 @@ class AutoscalingOptions(Strict):
         return self.model_dump(exclude_none=True)
 
 
-class ServeSamplingConfig(Strict):
-    """Default sampling for a served model (chat requests may override per request)."""
-
-    max_tokens: int = Field(256, ge=1, le=32768)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int = 0
-    stop: list[str] = Field(default_factory=list)
+def _one_sample(v: SamplingParams) -> SamplingParams:
+    if v.n != 1:
+        raise ValueError("a served model answers each request once: sampling.n must be 1")
+    return v
 
 
 class _DeploymentOptions(Strict):
@@ -112,6 +110,11 @@ class _DeploymentOptions(Strict):
             raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
                              f"({self.max_batch_size}), or a batch can never fill")
         return self
+
+    @field_validator("sampling", check_fields=False)
+    @classmethod
+    def _one_sample_per_request(cls, v: SamplingParams) -> SamplingParams:
+        return _one_sample(v)
 
     def deployment_options(self) -> dict[str, Any]:
         """Keyword arguments for ``Deployment.options``."""
@@ -150,7 +153,8 @@ class DecomposerConfig(_DeploymentOptions):
     max_input_tokens: int = Field(2048, ge=16)
     few_shot: bool = Field(False, description="Prompt with demos in /v1/solve (False: the student's own prompt).")
     max_subquestions: int = Field(10, ge=1)
-    sampling: ServeSamplingConfig = Field(default_factory=lambda: ServeSamplingConfig(max_tokens=128))
+    sampling: SamplingParams = Field(default_factory=lambda: SamplingParams(max_tokens=128),
+                                    description="Defaults of the decomposer's requests (a chat request may override them).")
 
     def backend_config(self) -> HFBackendConfig:
         # One Serve batch is one generate() call: the backend's chunk size is the batch size.
@@ -165,7 +169,7 @@ SolverBackendConfig = Annotated[Union[HFBackendConfig, OpenAIBackendConfig], Fie
 class SolverConfig(_DeploymentOptions):
     backend: SolverBackendConfig
     few_shot: bool = Field(True, description="Include the solver demonstration in its prompt.")
-    sampling: ServeSamplingConfig = Field(default_factory=ServeSamplingConfig)
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
 
     def backend_config(self) -> Union[HFBackendConfig, OpenAIBackendConfig]:
         if self.backend.type == "hf":

@@ -37,7 +37,7 @@ from pipeline.backends import make_backend
 from pipeline.backends.base import BackendUnavailable, SamplingParams
 from pipeline.backends.base import Request as BackendRequest
 from pipeline.backends.hf_local import render_prompt
-from pipeline.config import HFBackendConfig
+from pipeline.backends.hf_local import HFBackendConfig
 from pipeline.parsing import ParseError, parse_solver_output, parse_subquestions
 from pipeline.prompts import decomposer_messages, solver_messages
 from pipeline.serving import api
@@ -89,9 +89,9 @@ class _BatchedModel:
         logger.info("%s replica ready: %s backend %s, max_batch_size=%d, batch_wait_timeout_s=%g", self.role,
                     self.backend_type, self.model_name, max_batch_size, batch_wait_timeout_s)
 
-    async def generate(self, messages: list[dict[str, str]], params: dict[str, Any]) -> dict[str, Any]:
+    async def generate(self, messages: list[dict[str, str]], params: SamplingParams | dict[str, Any]) -> dict[str, Any]:
         """One chat completion (batched with concurrent calls): text, token usage, finish reason
-        or ``error``."""
+        or ``error``. ``params``: a :class:`SamplingParams` or its fields."""
         return await self._batched((messages, params))
 
     async def _run_batch(self, items: list[tuple[list[dict[str, str]], dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -99,11 +99,9 @@ class _BatchedModel:
         self._counts["requests"] += len(items)
         groups: dict[SamplingParams, list[int]] = {}
         for i, (_, p) in enumerate(items):
-            temperature = float(p.get("temperature", 0.0))
-            sp = SamplingParams(temperature=temperature, top_p=float(p.get("top_p", 1.0)),
-                                max_tokens=int(p.get("max_tokens", 256)),
-                                seed=int(p.get("seed", 0)) if temperature > 0 else 0,  # greedy: the seed is moot
-                                stop=tuple(p.get("stop") or ()))
+            sp = SamplingParams.model_validate(p)
+            if sp.temperature == 0:  # greedy: the seed is moot, so greedy requests batch together whatever their seed
+                sp = sp.model_copy(update={"seed": 0})
             groups.setdefault(sp, []).append(i)
         results: list[dict[str, Any]] = [{} for _ in items]
         for sp, idxs in groups.items():
@@ -413,13 +411,13 @@ async def _solve(svc: Ingress, request: HTTPRequest) -> dict[str, Any]:
     row = req.row()
     param = "context" if req.context else "question"
     dec = await svc.call_model("decomposer", decomposer_messages(row, few_shot=dec_cfg.few_shot),
-                               dec_cfg.sampling.model_dump(), param)
+                               dec_cfg.sampling, param)
     try:
         subqs, parsed = parse_subquestions(dec["text"], dec_cfg.max_subquestions), True
     except ParseError:
         subqs, parsed = [], False  # unparseable: treated as "No decomposition"; the solver answers directly
     sol = await svc.call_model("solver", solver_messages(row, subqs, few_shot=sol_cfg.few_shot),
-                               sol_cfg.sampling.model_dump(), param)
+                               sol_cfg.sampling, param)
     subanswers, answer = parse_solver_output(sol["text"])
     return api.SolveResponse(
         subquestions=subqs, subanswers=subanswers, answer=answer, decomposition_parsed=parsed,

@@ -18,6 +18,8 @@ from typing import Any
 
 from ray import serve
 
+from pipeline.backends.base import SamplingParams
+
 
 def llm_config(dec) -> Any:
     """Ray Serve LLM's ``LLMConfig`` for a ``DecomposerConfig`` with ``engine: vllm``."""
@@ -62,14 +64,15 @@ class VLLMDecomposer:
         self._pid = os.getpid()
         self._started_at = time.time()
 
-    async def generate(self, messages: list[dict[str, str]], params: dict[str, Any]) -> dict[str, Any]:
+    async def generate(self, messages: list[dict[str, str]], params: Any) -> dict[str, Any]:
         # lazy: as in llm_config (vLLM-facing modules, GPU nodes only)
         from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest
 
         self._counts["requests"] += 1
-        request = ChatCompletionRequest(model=self.served_name, messages=messages, max_tokens=int(params["max_tokens"]),
-                                        temperature=float(params["temperature"]), top_p=float(params["top_p"]),
-                                        seed=int(params["seed"]), stop=list(params.get("stop") or []) or None, stream=False)
+        sp = SamplingParams.model_validate(params)
+        request = ChatCompletionRequest(model=self.served_name, messages=messages, max_tokens=sp.max_tokens,
+                                        temperature=sp.temperature, top_p=sp.top_p, seed=sp.seed,
+                                        stop=list(sp.stop) or None, stream=False)
         try:
             async for response in self.llm.options(stream=True).chat.remote(request):
                 return self._result(response)
