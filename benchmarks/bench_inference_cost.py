@@ -101,10 +101,10 @@ def run_tokenized(prepared: str, limit: int, tokenizer_dir: str) -> dict[str, di
     from transformers import AutoTokenizer
 
     from pipeline.inference import InferConfig, InferWorker, as_requests
-    from pipeline.outputs import InputConfig, filtered_rows
+    from pipeline.job_config import InputConfig
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    rows = list(as_requests(filtered_rows(InputConfig(path=prepared, datasets=["gsm8k"], splits=["test"], limit=limit))))
+    rows = list(as_requests(InputConfig(path=prepared, datasets=["gsm8k"], splits=["test"], limit=limit).rows()))
     out: dict[str, dict[str, Any]] = {}
     for si, (label, dec_fs, sol_fs) in enumerate(SETTINGS):
         for mode in MODES:

@@ -89,11 +89,11 @@ def staging_peak_rss_mb(prepared: str, questions: int, samples: int, shard: int)
     code = (
         "import resource, sys, tempfile\n"
         "from pipeline.generation import expand_samples\n"
-        "from pipeline.outputs import InputConfig, filtered_rows\n"
+        "from pipeline.job_config import InputConfig\n"
         "from pipeline.sharded import Layout, stage_requests\n"
         f"inp = InputConfig(path={prepared!r}, splits=['train'], limit={questions})\n"
         "with tempfile.TemporaryDirectory() as d:\n"
-        f"    stage_requests(Layout(d), expand_samples(filtered_rows(inp), {samples}), {shard}, {{}})\n"
+        f"    stage_requests(Layout(d), expand_samples(inp.rows(), {samples}), {shard}, {{}})\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": REPO},
@@ -103,9 +103,9 @@ def staging_peak_rss_mb(prepared: str, questions: int, samples: int, shard: int)
 
 def check_exactly_once(out: str, prepared: str, questions: int, samples: int) -> dict[str, Any]:
     from pipeline import tables
-    from pipeline.outputs import InputConfig, filtered_rows
+    from pipeline.job_config import InputConfig
 
-    ids = [r["id"] for r in filtered_rows(InputConfig(path=prepared, splits=["train"], limit=questions), columns=["id", "split"])]
+    ids = [r["id"] for r in InputConfig(path=prepared, splits=["train"], limit=questions).rows(columns=["id", "split"])]
     expected = {f"{i}#{k}" for i in ids for k in range(samples)}
     got = []
     for sub in ("data", "quarantine"):

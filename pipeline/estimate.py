@@ -32,7 +32,6 @@ from pipeline.cost import price_of, price_tokens
 from pipeline.generation import GenerateConfig
 from pipeline.inference import InferConfig
 from pipeline.manifest import Manifest
-from pipeline.outputs import filtered_rows
 from pipeline.parsing import format_subquestions
 from pipeline.solving import SolveConfig
 
@@ -125,14 +124,14 @@ def _gold_solution(row: dict, subquestions: list[str]) -> Optional[str]:
 
 def _generate(cfg: Any) -> list[StageTally]:
     t = StageTally("decomposer", cfg.teacher, cfg.sampling)
-    for row in filtered_rows(cfg.input):
+    for row in cfg.input.rows():
         t.add(prompts.decomposer_messages(row, few_shot=cfg.few_shot), _gold_decomposition(row), times=cfg.sampling.n)
     return [t]
 
 
 def _solve(cfg: Any) -> list[StageTally]:
     t = StageTally("solver", cfg.solver, cfg.sampling)
-    for row in filtered_rows(cfg.input):
+    for row in cfg.input.rows():
         if row.get("subquestions") is None:
             continue  # the job quarantines these without a request
         subqs = list(row["subquestions"])
@@ -143,7 +142,7 @@ def _solve(cfg: Any) -> list[StageTally]:
 def _infer(cfg: Any) -> list[StageTally]:
     dec = StageTally("decomposer", cfg.decomposer, cfg.decomposer_sampling) if cfg.decomposer is not None else None
     sol = StageTally("solver", cfg.solver, cfg.solver_sampling)
-    for row in filtered_rows(cfg.input):
+    for row in cfg.input.rows():
         subqs, subas = gold_pairs(row)
         if cfg.mode == "static":
             dec.add(prompts.decomposer_messages(row, few_shot=cfg.decomposer_few_shot), _gold_decomposition(row))

@@ -19,7 +19,7 @@ from pipeline.backends import BackendConfig, Request, SamplingParams, make_backe
 from pipeline.backends.openai_batch import chunk_size
 from pipeline.cost import ledger_usage
 from pipeline.manifest import Manifest
-from pipeline.outputs import ShardedJobConfig, filtered_rows
+from pipeline.job_config import ShardedJobConfig
 from pipeline.parsing import ParseError
 from pipeline.prompts import PROMPT_VERSION, decomposer_messages
 from pipeline.schema import QUESTION_SCHEMA
@@ -150,7 +150,7 @@ def run(cfg: GenerateConfig) -> Manifest:
 
     A rerun with the same config resumes: committed shards are kept, the rest are redone."""
     started = time.time()
-    requests = expand_samples(filtered_rows(cfg.input), cfg.sampling.n)
+    requests = expand_samples(cfg.input.rows(), cfg.sampling.n)
     counts, usage, _ = run_sharded_job(cfg, requests, DecomposeWorker, "generate", started)
     manifest = Manifest.of("generate", cfg, inputs={"questions": cfg.input.path}, counts=counts, started_at=started,
                            usage=usage).write(cfg.output.dir)

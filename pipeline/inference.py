@@ -32,7 +32,7 @@ from pipeline.cost import backend_mode, ledger_counts, merge
 from pipeline.config import UsageError
 from pipeline.generation import input_problem
 from pipeline.manifest import Manifest
-from pipeline.outputs import ShardedJobConfig, filtered_rows
+from pipeline.job_config import ShardedJobConfig
 from pipeline.parsing import ParseError, extract_answer, parse_dynamic_step, parse_solver_output
 from pipeline.schema import QUESTION_SCHEMA
 from pipeline.sharded import ShardWorker, exception_cause, row_error, run_sharded_job
@@ -285,7 +285,7 @@ def run(cfg: InferConfig) -> Manifest:
     started = time.time()
     if cfg.mode in ("static", "dynamic") and cfg.decomposer is None:
         raise UsageError(f"mode {cfg.mode!r} needs a `decomposer` backend in the config")
-    counts, usage, _ = run_sharded_job(cfg, as_requests(filtered_rows(cfg.input)), InferWorker, f"infer[{cfg.setting}]",
+    counts, usage, _ = run_sharded_job(cfg, as_requests(cfg.input.rows()), InferWorker, f"infer[{cfg.setting}]",
                                        started)
     manifest = Manifest.of("infer", cfg, inputs={"questions": cfg.input.path}, counts=counts, started_at=started,
                            usage=usage, extra={"setting": cfg.setting, "mode": cfg.mode}).write(cfg.output.dir)

@@ -54,7 +54,7 @@ from pydantic import Field
 from pipeline import storage, tables
 from pipeline.config import Strict, UsageError
 from pipeline.manifest import Manifest, read_manifest
-from pipeline.outputs import InputConfig, filtered_rows
+from pipeline.job_config import InputConfig
 from pipeline.parsing import format_subquestions, parse_solver_output
 from pipeline.prompts import PROMPT_VERSION, decomposer_messages, solver_messages
 
@@ -236,7 +236,7 @@ def read_input(inp: InputConfig) -> tuple[Iterator[dict[str, Any]], list[str]]:
     """(rows after the dataset/split filters and limit, the columns read)."""
     columns = _input_columns(inp.path)
 
-    return filtered_rows(inp, columns=columns), columns
+    return inp.rows(columns=columns), columns
 
 
 def lineage(path: str, max_depth: int = 6) -> list[dict[str, Any]]:

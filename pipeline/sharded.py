@@ -53,7 +53,7 @@ from pipeline.backends.base import BackendUnavailable
 from pipeline.cluster import init_ray
 from pipeline.config import ActorPoolConfig, UsageError
 from pipeline.cost import add_cost
-from pipeline.outputs import ShardedJobConfig
+from pipeline.job_config import ShardedJobConfig
 
 log = logging.getLogger(__name__)
 

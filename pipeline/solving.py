@@ -42,7 +42,7 @@ from pipeline.config import UsageError
 from pipeline.generation import GENERATE_SCHEMA, input_problem, usage_of
 from pipeline.manifest import Manifest
 from pipeline.metrics import METRIC_NAME, score
-from pipeline.outputs import ShardedJobConfig, filtered_rows
+from pipeline.job_config import ShardedJobConfig
 from pipeline.parsing import extract_answer, parse_solver_output
 from pipeline.prompts import PROMPT_VERSION, solver_messages
 from pipeline.sharded import ShardWorker, exception_cause, row_error, run_sharded_job
@@ -249,7 +249,7 @@ def run(cfg: SolveConfig) -> Manifest:
     A rerun with the same config resumes: committed shards are kept, the rest are redone."""
     started = time.time()
     schema = solve_schema(input_schema(cfg.input.path))
-    counts, usage, totals = run_sharded_job(cfg, filtered_rows(cfg.input), SolveWorker, "solve", started, schema=schema)
+    counts, usage, totals = run_sharded_job(cfg, cfg.input.rows(), SolveWorker, "solve", started, schema=schema)
     accuracy = accuracy_summary(totals)
     counts["parse_warnings"] = int(totals.get("parse_warnings", 0))
     manifest = Manifest.of("solve", cfg, inputs={"decompositions": cfg.input.path}, counts=counts, started_at=started,

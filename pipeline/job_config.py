@@ -1,8 +1,10 @@
-"""Config sections shared by the sharded jobs (generate, solve, infer): input, output, and their common base."""
+"""What configures a sharded job (generate, solve, infer): its input rows (:class:`InputConfig`, which
+also reads them), its output directory (:class:`OutputConfig`), and their common base
+(:class:`ShardedJobConfig`: Ray, actor pool, response cache, pricing, the resume fingerprint)."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Iterator, Optional
 
 from pydantic import Field
 
@@ -15,6 +17,19 @@ class InputConfig(Strict):
     limit: Optional[int] = Field(None, ge=1, description="Use only the first N input rows.")
     datasets: Optional[list[str]] = Field(None, description="Keep only these datasets.")
     splits: Optional[list[str]] = Field(None, description="Keep only these splits.")
+
+    def rows(self, columns: Optional[list[str]] = None) -> Iterator[dict[str, Any]]:
+        """The input rows after the dataset/split filters and the limit."""
+        n = 0
+        for row in tables.iter_rows(self.path, columns=columns):
+            if self.datasets and row.get("dataset") not in self.datasets:
+                continue
+            if self.splits and row.get("split") not in self.splits:
+                continue
+            yield row
+            n += 1
+            if self.limit and n >= self.limit:
+                return
 
 
 class OutputConfig(Strict):
@@ -47,17 +62,3 @@ class ShardedJobConfig(Strict):
         """Names of the environment variables holding the backends' API keys (never their values)."""
         backends = [getattr(self, name) for name in self.backend_fields]
         return [b.api_key_env for b in backends if getattr(b, "api_key_env", None)]
-
-
-def filtered_rows(inp: InputConfig, columns: Optional[list[str]] = None):
-    """Input rows after the dataset/split filters and the limit."""
-    n = 0
-    for row in tables.iter_rows(inp.path, columns=columns):
-        if inp.datasets and row.get("dataset") not in inp.datasets:
-            continue
-        if inp.splits and row.get("split") not in inp.splits:
-            continue
-        yield row
-        n += 1
-        if inp.limit and n >= inp.limit:
-            return
