@@ -53,8 +53,8 @@ def infer_overrides(prepared: str, out_dir: str, mode: str, dec_fs: bool, sol_fs
         f"input.path={prepared}", "input.datasets=[gsm8k]", "input.splits=[test]", f"input.limit={limit}",
         f"output.dir={out_dir}", "output.overwrite=true", "output.shard_size=25", f"mode={mode}",
         f"setting=bench {mode}", "decomposer={type: reference}", "solver={type: reference, role: solver}",
-        f"decomposer_few_shot={str(dec_fs).lower()}", f"solver_few_shot={str(sol_fs).lower()}",
-        f"max_dynamic_steps={MAX_DYNAMIC_STEPS}", "pool={min_actors: 1, max_actors: 2, num_cpus: 0.5}",
+        f"method.decomposer_few_shot={str(dec_fs).lower()}", f"method.solver_few_shot={str(sol_fs).lower()}",
+        f"method.max_dynamic_steps={MAX_DYNAMIC_STEPS}", "pool={min_actors: 1, max_actors: 2, num_cpus: 0.5}",
     ]
 
 
@@ -110,8 +110,8 @@ def run_tokenized(prepared: str, limit: int, tokenizer_dir: str) -> dict[str, di
         for mode in MODES:
             cfg = {"input": {"path": prepared}, "output": {"dir": common.scratch("inference_cost/inproc")},
                    "setting": f"bench {mode}", "mode": mode, "decomposer": {"type": "reference"},
-                   "solver": {"type": "reference", "role": "solver"}, "decomposer_few_shot": dec_fs,
-                   "solver_few_shot": sol_fs, "max_dynamic_steps": MAX_DYNAMIC_STEPS}
+                   "solver": {"type": "reference", "role": "solver"},
+                   "method": {"decomposer_few_shot": dec_fs, "solver_few_shot": sol_fs, "max_dynamic_steps": MAX_DYNAMIC_STEPS}}
             w = InferWorker(cfg["output"]["dir"], InferConfig.model_validate(cfg))
             w.solver = Retokenized(w.solver, tok)
             w.decomposer = Retokenized(w.decomposer, tok)

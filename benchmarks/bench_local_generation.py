@@ -34,7 +34,7 @@ def run_job(prepared: str, model: str, out_dir: str, *, batch: int, questions: i
         f"input.path={prepared}", "input.datasets=[gsm8k]", "input.splits=[train]", f"input.limit={questions}",
         f"output.dir={out_dir}", "output.overwrite=true", f"output.shard_size={shard_size}",
         f"teacher={{type: hf, model: '{model}', device: cpu, dtype: float32, batch_size: {batch}}}",
-        "sampling.n=1", "sampling.temperature=0.0", f"sampling.max_tokens={max_tokens}", "few_shot=false",
+        "sampling.n=1", "sampling.temperature=0.0", f"sampling.max_tokens={max_tokens}", "method.decomposer_few_shot=false",
         f"pool.min_actors={actors}", f"pool.max_actors={actors}", "pool.num_cpus=1", f"pool.batch_size={shard_size}",
     ]
     wall, manifest = common.run_job(generate.main, argv, out_dir)

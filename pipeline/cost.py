@@ -20,6 +20,7 @@ import yaml
 
 from pipeline import storage
 from pipeline.config import ModelPrice, PricingConfig
+from pipeline.method import StageUsage
 
 SHIPPED_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prices.yaml")
 LEDGER = "ledger"
@@ -73,27 +74,15 @@ def _key(stage: str, model: str, mode: str, field: str) -> str:
     return "|".join((LEDGER, stage, str(model).replace("|", "/"), mode, field))
 
 
-def ledger_usage(stage: str, backend: Any, completions: Iterable[Any]) -> dict[str, float]:
-    """Commit-marker counters for the completions one backend returned for one stage.
+def ledger_usage(stage: str, backend: Any, tally: StageUsage) -> dict[str, float]:
+    """Commit-marker counters of one stage's calls on one backend (its :class:`~pipeline.method.StageUsage`).
 
     Cached responses are counted apart (they cost nothing); their tokens are not billed."""
     mode = backend_mode(backend)
-    out = {_key(stage, backend.name, mode, f): 0.0 for f in FIELDS}
-    for c in completions:
-        if c.cached:
-            out[_key(stage, backend.name, mode, "cached")] += 1
-            continue
-        out[_key(stage, backend.name, mode, "requests")] += 1
-        out[_key(stage, backend.name, mode, "prompt_tokens")] += c.prompt_tokens
-        out[_key(stage, backend.name, mode, "completion_tokens")] += c.completion_tokens
-    return out
-
-
-def ledger_counts(stage: str, model: str, mode: str, requests: int, prompt_tokens: int, completion_tokens: int) -> dict[str, float]:
-    """Commit-marker counters from already summed figures (e.g. infer's per-row tallies)."""
-    return {_key(stage, model, mode, "requests"): requests, _key(stage, model, mode, "cached"): 0,
-            _key(stage, model, mode, "prompt_tokens"): prompt_tokens,
-            _key(stage, model, mode, "completion_tokens"): completion_tokens}
+    billed = {"requests": tally.calls - tally.cached_calls, "cached": tally.cached_calls,
+              "prompt_tokens": tally.prompt_tokens - tally.cached_prompt_tokens,
+              "completion_tokens": tally.completion_tokens - tally.cached_completion_tokens}
+    return {_key(stage, backend.name, mode, f): float(billed[f]) for f in FIELDS}
 
 
 def merge(*usages: dict[str, float]) -> dict[str, float]:

@@ -25,13 +25,15 @@ import os
 import time
 from typing import Any, Callable, Iterable, Optional, Union
 
-from pipeline import prompts
+from pipeline import method, prompts
+from pipeline.backends.base import Completion
 from pipeline.backends.reference import gold_pairs
 from pipeline.config import ConfigError
 from pipeline.cost import price_of, price_tokens
 from pipeline.generation import GenerateConfig
 from pipeline.inference import InferConfig
 from pipeline.manifest import Manifest
+from pipeline.method import Call, MethodConfig, StageUsage
 from pipeline.parsing import format_subquestions
 from pipeline.solving import SolveConfig
 
@@ -86,26 +88,30 @@ class TokenCounter:
 
 
 class StageTally:
+    """What one stage would send: its calls and tokens (a :class:`~pipeline.method.StageUsage` of prompts
+    counted, not sent), with the counter, model and token cap they are counted and priced by."""
+
     def __init__(self, stage: str, backend_cfg: Any, sampling: Any) -> None:
         self.stage, self.backend_cfg, self.max_tokens = stage, backend_cfg, sampling.max_tokens
         self.counter = TokenCounter(backend_cfg)
-        self.requests = self.prompt_tokens = self.expected_completion = 0
+        self.usage = StageUsage()
 
-    def add(self, messages: list, target: Optional[str], times: int = 1) -> None:
+    def add(self, messages: list, target: Optional[str], times: int = 1) -> Completion:
+        """Count ``times`` requests of ``messages`` answered by ``target`` (None: a reply of ``max_tokens``)."""
         expected = min(self.counter.text(target), self.max_tokens) if target else self.max_tokens
-        self.requests += times
-        self.prompt_tokens += times * self.counter.messages(messages)
-        self.expected_completion += times * expected
+        prompt = self.counter.messages(messages)
+        self.usage.count(prompt, expected, calls=times)
+        return Completion(text=target or "", prompt_tokens=prompt, completion_tokens=expected)
 
     def result(self, pricing: Any) -> dict[str, Any]:
-        model = self.backend_cfg.model
+        model, u = self.backend_cfg.model, self.usage
         price, source = price_of(model, pricing)
-        max_completion = self.requests * self.max_tokens
-        cost = {f"{mode}_cost{suffix}": round(price_tokens(price, self.prompt_tokens, completion, mode), 6)
-                for mode in ("online", "batch") for suffix, completion in (("", self.expected_completion), ("_max", max_completion))}
+        max_completion = u.calls * self.max_tokens
+        cost = {f"{mode}_cost{suffix}": round(price_tokens(price, u.prompt_tokens, completion, mode), 6)
+                for mode in ("online", "batch") for suffix, completion in (("", u.completion_tokens), ("_max", max_completion))}
         return {"stage": self.stage, "model": model, "mode": getattr(self.backend_cfg, "mode", "online"),
-                "requests": self.requests, "prompt_tokens": self.prompt_tokens,
-                "expected_completion_tokens": self.expected_completion, "max_completion_tokens": max_completion,
+                "requests": u.calls, "prompt_tokens": u.prompt_tokens,
+                "expected_completion_tokens": u.completion_tokens, "max_completion_tokens": max_completion,
                 "token_counting": self.counter.method, "price_source": source, **cost}
 
 
@@ -122,43 +128,54 @@ def _gold_solution(row: dict, subquestions: list[str]) -> Optional[str]:
     return prompts.format_solver_output(subas[: len(subquestions)] if subas else [""] * len(subquestions), answers[0])
 
 
+def _gold_reply(call: Call, s: MethodConfig) -> Optional[str]:
+    """What a model that knew the row's gold would answer ``call`` (the expected completion's length)."""
+    row = call.row
+    gold_q, gold_a = gold_pairs(row)
+    asked = len(row.get("history") or [])
+    if call.role == "decomposer":
+        return _gold_decomposition(row)
+    if call.role == "dynamic_decomposer":  # one gold step per call, the final answer when they run out (or the steps do)
+        if asked < min(len(gold_q), s.max_dynamic_steps - 1):
+            return f"Follow up: {gold_q[asked]}"
+        return f"So the final answer is: {(row.get('answers') or [''])[0]}"
+    if call.role == "dynamic_solver":
+        return gold_a[asked] if asked < len(gold_a) else None
+    return _gold_solution(row, list(row.get("subquestions") or []))  # solver, direct
+
+
+def _replayed(programs: list, tallies: dict[str, StageTally], s: MethodConfig) -> None:
+    """Run the jobs' own programs (:mod:`pipeline.method`) against a gold replay, counting every call's
+    prompt and expected reply: the prompts are exactly the job's, none is sent."""
+
+    def call(role: str, calls: list[Call]) -> list[Completion]:
+        return [tallies[c.stage].add(c.messages, _gold_reply(c, s)) for c in calls]
+
+    method.run_batched(programs, call)
+
+
 def _generate(cfg: Any) -> list[StageTally]:
     t = StageTally("decomposer", cfg.teacher, cfg.sampling)
     for row in cfg.input.rows():
-        t.add(prompts.decomposer_messages(row, few_shot=cfg.few_shot), _gold_decomposition(row), times=cfg.sampling.n)
+        t.add(method.decompose_call(row, cfg.method).messages, _gold_decomposition(row), times=cfg.sampling.n)
     return [t]
 
 
 def _solve(cfg: Any) -> list[StageTally]:
     t = StageTally("solver", cfg.solver, cfg.sampling)
-    for row in cfg.input.rows():
-        if row.get("subquestions") is None:
-            continue  # the job quarantines these without a request
-        subqs = list(row["subquestions"])
-        t.add(prompts.solver_messages(row, subqs, few_shot=cfg.few_shot), _gold_solution(row, subqs))
+    # rows without subquestions: the job quarantines them without a request
+    programs = [method.solve_given(row, list(row["subquestions"]), cfg.method) for row in cfg.input.rows()
+                if row.get("subquestions") is not None]
+    _replayed(programs, {"solver": t}, cfg.method)
     return [t]
 
 
 def _infer(cfg: Any) -> list[StageTally]:
-    dec = StageTally("decomposer", cfg.decomposer, cfg.decomposer_sampling) if cfg.decomposer is not None else None
-    sol = StageTally("solver", cfg.solver, cfg.solver_sampling)
-    for row in cfg.input.rows():
-        subqs, subas = gold_pairs(row)
-        if cfg.mode == "static":
-            dec.add(prompts.decomposer_messages(row, few_shot=cfg.decomposer_few_shot), _gold_decomposition(row))
-            sol.add(prompts.solver_messages(row, subqs, few_shot=cfg.solver_few_shot), _gold_solution(row, subqs))
-        elif cfg.mode == "dynamic":  # one decomposer + one solver call per gold step, then the final answer
-            history: list[tuple[str, str]] = []
-            for q, a in list(zip(subqs, subas))[: cfg.max_dynamic_steps - 1]:
-                dec.add(prompts.dynamic_messages(row, history, few_shot=cfg.decomposer_few_shot), f"Follow up: {q}")
-                sol.add(prompts.dynamic_answer_messages(row, history, q, few_shot=cfg.solver_few_shot), a)
-                history.append((q, a))
-            answers = list(row.get("answers") or [""])
-            dec.add(prompts.dynamic_messages(row, history, few_shot=cfg.decomposer_few_shot), f"So the final answer is: {answers[0]}")
-        else:
-            build = prompts.direct_messages if cfg.mode == "direct" else prompts.cot_messages
-            sol.add(build(row, few_shot=cfg.solver_few_shot), _gold_solution(row, []))
-    return [t for t in (dec, sol) if t is not None and t.requests]
+    tallies = {"solver": StageTally("solver", cfg.solver, cfg.solver_sampling)}
+    if cfg.decomposer is not None:
+        tallies["decomposer"] = StageTally("decomposer", cfg.decomposer, cfg.decomposer_sampling)
+    _replayed([method.program(cfg.mode, row, cfg.method) for row in cfg.input.rows()], tallies, cfg.method)
+    return [t for t in (tallies.get("decomposer"), tallies["solver"]) if t is not None and t.usage.calls]
 
 
 ESTIMATORS: dict[str, Callable[[Any], list[StageTally]]] = {"generate": _generate, "solve": _solve, "infer": _infer}

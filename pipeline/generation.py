@@ -13,17 +13,18 @@ import time
 from typing import Any, ClassVar, Optional
 
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from pipeline.backends import BackendConfig, Request, SamplingParams, make_backend
+from pipeline.backends import BackendConfig, SamplingParams, make_backend
 from pipeline.backends.openai_batch import chunk_size
 from pipeline.cost import ledger_usage
-from pipeline.manifest import Manifest
 from pipeline.job_config import ShardedJobConfig
+from pipeline.manifest import Manifest
+from pipeline.method import MethodConfig, Usage, decompose_call, legacy_method_keys, requests_of
 from pipeline.parsing import ParseError
-from pipeline.prompts import PROMPT_VERSION, decomposer_messages
+from pipeline.prompts import PROMPT_VERSION
 from pipeline.schema import QUESTION_SCHEMA
-from pipeline.sharded import ShardWorker, exception_cause, row_error, run_sharded_job
+from pipeline.sharded import ShardWorker, chunks, finish_each, missing_fields, run_sharded_job, split_inputs
 from pipeline.structured import parse_decomposition
 
 log = logging.getLogger(__name__)
@@ -54,14 +55,24 @@ GENERATE_SCHEMA = pa.schema(
 )
 
 
+class TeacherMethod(MethodConfig, frozen=True):
+    decomposer_few_shot: bool = Field(True, description="Worked demos in the teacher's prompt (a teacher is not trained "
+                                                        "on the prompt, so it wants them).")
+
+
 class GenerateConfig(ShardedJobConfig):
     teacher: BackendConfig
     sampling: SamplingParams = Field(default_factory=SamplingParams)
-    few_shot: bool = Field(True, description="Include the worked demonstrations in the teacher prompt.")
-    max_subquestions: int = Field(10, ge=1)
+    method: TeacherMethod = Field(default_factory=TeacherMethod, description="Uses decomposer_few_shot and max_subquestions.")
 
-    fingerprint_fields: ClassVar[tuple[str, ...]] = ("input", "teacher", "sampling", "few_shot")
+    fingerprint_fields: ClassVar[tuple[str, ...]] = ("input", "teacher", "sampling", "method.decomposer_few_shot",
+                                                     "method.max_subquestions")
     backend_fields: ClassVar[tuple[str, ...]] = ("teacher",)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_keys(cls, data: Any) -> Any:
+        return legacy_method_keys(data, {"few_shot": "decomposer_few_shot", "max_subquestions": "max_subquestions"})
 
 
 def expand_samples(rows, n: int):
@@ -70,22 +81,6 @@ def expand_samples(rows, n: int):
     for i, row in enumerate(rows):
         for k in range(n):
             yield {**row, "request_id": f"{row.get('id') or f'input-row-{i}'}#{k}", "sample_index": k}
-
-
-def input_problem(row: dict[str, Any], required: tuple[str, ...] = ("id", "question")) -> Optional[str]:
-    """Why an input row cannot be worked on (a required field missing or empty), else None."""
-    missing = [f for f in required if row.get(f) is None or row.get(f) == ""]
-    return f"input row has no {' or '.join(repr(f) for f in missing)}" if missing else None
-
-
-def usage_of(completions) -> dict[str, float]:
-    return {
-        "prompt_tokens": sum(c.prompt_tokens for c in completions),
-        "completion_tokens": sum(c.completion_tokens for c in completions),
-        "cached": sum(1 for c in completions if c.cached),
-        "truncated_prompts": sum(1 for c in completions if c.prompt_truncated),
-        "latency_s": sum(c.latency_s for c in completions),
-    }
 
 
 def completion_fields(c) -> dict[str, Any]:
@@ -102,32 +97,20 @@ class DecomposeWorker(ShardWorker):
         super().__init__(out_dir)
         self.backend = make_backend(cfg.teacher, cfg.cache_dir, job_dir=out_dir)
         self.params = cfg.sampling
-        self.few_shot = cfg.few_shot
-        self.max_subquestions = cfg.max_subquestions
+        self.method = cfg.method
         self.batch_size = chunk_size(self.backend, cfg.pool.batch_size)  # a Batch-API teacher takes the whole shard
 
     def process(self, rows):
-        good, bad, completions = [], [], []
-        todo = []
-        for r in rows:
-            problem = input_problem(r)
-            if problem:
-                bad.append({**r, "error": row_error(r, "input", problem)})
-            else:
-                todo.append(r)
-        for i in range(0, len(todo), self.batch_size):
-            chunk = todo[i : i + self.batch_size]
-            reqs = [Request(messages=decomposer_messages(r, few_shot=self.few_shot), sample_index=int(r["sample_index"]),
-                            row=r, role="decomposer") for r in chunk]
-            outs = self.backend.generate(reqs, self.params)
-            completions.extend(outs)
-            for row, c in zip(chunk, outs):
-                try:
-                    out = self.finish(row, c)
-                except Exception as e:  # per row: anything odd in this answer quarantines this row only
-                    out = {**row, "error": row_error(row, "parse", exception_cause(e))}
-                (bad if out["error"] else good).append(out)
-        return good, bad, {**usage_of(completions), **ledger_usage("decomposer", self.backend, completions)}
+        todo, bad = split_inputs(rows, lambda r: missing_fields(r, ("id", "question")))
+        good, usage = [], Usage()
+        for chunk in chunks(todo, self.batch_size):
+            outs = self.backend.generate(requests_of([decompose_call(r, self.method) for r in chunk]), self.params)
+            for c in outs:
+                usage.add("decomposer", c)
+            g, b = finish_each(chunk, outs, self.finish, "parse")  # anything odd in one answer quarantines its row only
+            good += g
+            bad += b
+        return good, bad, {**usage.counters(), **ledger_usage("decomposer", self.backend, usage.stages["decomposer"])}
 
     def finish(self, row: dict[str, Any], c) -> dict[str, Any]:
         """The output row for one completion (``error`` set: it goes to quarantine)."""
@@ -138,8 +121,8 @@ class DecomposeWorker(ShardWorker):
         if c.error:
             out["error"] = f"teacher error for request {row['request_id']}: {c.error}"
             return out
-        try:
-            out["subquestions"] = parse_decomposition(c.text, self.max_subquestions)
+        try:  # unlike the method's reading (no list: "no decomposition"), a teacher's unparseable reply is no training data
+            out["subquestions"] = parse_decomposition(c.text, self.method.max_subquestions)
         except ParseError as e:
             out["error"] = f"parse error for request {row['request_id']}: {e}"
         return out

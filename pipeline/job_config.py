@@ -55,8 +55,16 @@ class ShardedJobConfig(Strict):
     backend_fields: ClassVar[tuple[str, ...]] = ()
 
     def fingerprint(self) -> dict[str, Any]:
-        """The resume fingerprint: :attr:`fingerprint_fields` and the shard size."""
-        return {**self.model_dump(include=set(self.fingerprint_fields)), "shard_size": self.output.shard_size}
+        """The resume fingerprint: :attr:`fingerprint_fields` (``section.field`` for one field of a section)
+        and the shard size."""
+        include: dict[str, Any] = {}
+        for name in self.fingerprint_fields:
+            section, _, field = name.partition(".")
+            if field:
+                include.setdefault(section, {})[field] = True
+            else:
+                include[section] = True
+        return {**self.model_dump(include=include), "shard_size": self.output.shard_size}
 
     def secret_env(self) -> list[str]:
         """Names of the environment variables holding the backends' API keys (never their values)."""

@@ -170,7 +170,7 @@ class Quickstart:
     def baseline_settings(self) -> list[tuple[str, str, Any, str, dict[str, Any]]]:
         """(name, folder, decomposer, mode, extra) of every setting inferred in-process."""
         base_model = self.p("train", "checkpoints", "decomposer_correct-base_model")
-        settings = [("teacher QD + oracle (static)", "teacher-static", ReferenceBackendConfig(), "static", {"decomposer_few_shot": True}),
+        settings = [("teacher QD + oracle (static)", "teacher-static", ReferenceBackendConfig(), "static", {"method": {"decomposer_few_shot": True}}),
                     ("teacher QD + oracle (dynamic)", "teacher-dynamic", ReferenceBackendConfig(), "dynamic", {}),
                     ("untrained tiny QD + oracle", "untrained", HFBackendConfig(model=base_model, batch_size=16), "static", {})]
         if "decomposer_all" in self.plan.variants:

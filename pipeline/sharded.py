@@ -81,6 +81,45 @@ def row_error(row: dict[str, Any], stage: str, cause: str) -> str:
     return f"request {row_label(row)}, stage {stage}: {cause}"
 
 
+def missing_fields(row: dict[str, Any], required: tuple[str, ...]) -> Optional[str]:
+    """Why an input row cannot be worked on (a required field missing or empty), else None."""
+    missing = [f for f in required if row.get(f) is None or row.get(f) == ""]
+    return f"input row has no {' or '.join(repr(f) for f in missing)}" if missing else None
+
+
+def split_inputs(rows: Iterable[dict[str, Any]], *problems: Callable[[dict[str, Any]], Optional[str]]
+                 ) -> tuple[list[dict], list[dict]]:
+    """A shard's rows split before any call is spent: those no ``problem`` objects to, and the others as
+    quarantine rows (``error``: the row, stage ``input``, the first problem found)."""
+    todo: list[dict] = []
+    bad: list[dict] = []
+    for row in rows:
+        why = next((p for p in (check(row) for check in problems) if p), None)
+        if why:
+            bad.append({**row, "error": row_error(row, "input", why)})
+        else:
+            todo.append(row)
+    return todo, bad
+
+
+def finish_each(rows: list[dict], results: list[Any], finish: Callable[[dict, Any], dict], stage: str,
+                on_error: Optional[Callable[[dict, Any, str], dict]] = None) -> tuple[list[dict], list[dict]]:
+    """``finish(row, result)`` for each row: the output rows, split into good and bad (an ``error`` set).
+    A row whose finishing raises (an odd answer or gold field) is quarantined alone, its ``error`` naming
+    the row, ``stage`` and the cause (``on_error(row, result, error)`` builds that row; default: the input
+    row with the error)."""
+    good: list[dict] = []
+    bad: list[dict] = []
+    for row, result in zip(rows, results):
+        try:
+            out = finish(row, result)
+        except Exception as e:  # per row: this row only
+            error = row_error(row, stage, exception_cause(e))
+            out = on_error(row, result, error) if on_error else {**row, "error": error}
+        (bad if out.get("error") else good).append(out)
+    return good, bad
+
+
 def exception_cause(e: BaseException) -> str:
     """``Type: message (in function, file:line)`` of the frame that raised ``e``."""
     tb = traceback.extract_tb(e.__traceback__)
@@ -105,7 +144,8 @@ class Layout:
         return storage.join(self.done, f"{shard}.json")
 
 
-def _chunks(rows: Iterable[dict], size: int) -> Iterator[list[dict]]:
+def chunks(rows: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    """``rows`` in lists of ``size`` (the last one shorter)."""
     chunk: list[dict] = []
     for r in rows:
         chunk.append(r)
@@ -132,7 +172,7 @@ def stage_requests(layout: Layout, requests: Iterable[dict[str, Any]], shard_siz
         return plan["shards"]
     storage.delete(layout.requests)  # shards of an earlier staging that died before its plan was written
     shards, total = [], 0
-    for i, chunk in enumerate(_chunks(requests, shard_size)):
+    for i, chunk in enumerate(chunks(requests, shard_size)):
         name = f"shard-{i:05d}"
         tables.write_rows(layout.shard_file("requests", name), chunk)
         shards.append(name)

@@ -32,20 +32,19 @@ from typing import Any, ClassVar, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from pipeline import storage, tables
-from pipeline.backends import BackendConfig, Request, SamplingParams, make_backend
+from pipeline import method, storage, tables
+from pipeline.backends import BackendConfig, SamplingParams, make_backend
 from pipeline.backends.openai_batch import chunk_size
-from pipeline.cost import ledger_usage
 from pipeline.config import UsageError
-from pipeline.generation import GENERATE_SCHEMA, input_problem, usage_of
-from pipeline.manifest import Manifest
-from pipeline.metrics import METRIC_NAME, score
+from pipeline.cost import ledger_usage
+from pipeline.generation import GENERATE_SCHEMA
 from pipeline.job_config import ShardedJobConfig
-from pipeline.parsing import extract_answer, parse_solver_output
-from pipeline.prompts import PROMPT_VERSION, solver_messages
-from pipeline.sharded import ShardWorker, exception_cause, row_error, run_sharded_job
+from pipeline.manifest import Manifest
+from pipeline.method import MethodConfig, Outcome, Usage, legacy_method_keys
+from pipeline.prompts import PROMPT_VERSION
+from pipeline.sharded import ShardWorker, chunks, finish_each, missing_fields, row_label, run_sharded_job, split_inputs
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +81,16 @@ SOLVE_SCHEMA = solve_schema(GENERATE_SCHEMA)
 class SolveConfig(ShardedJobConfig):
     solver: BackendConfig
     sampling: SamplingParams = Field(default_factory=SamplingParams)
-    few_shot: bool = Field(True, description="Include the worked demonstration in the solver prompt.")
-    drop_f1_threshold: float = Field(0.5, ge=0.0, le=1.0, description="DROP: a prediction is correct when F1 >= this.")
+    method: MethodConfig = Field(default_factory=MethodConfig, description="Uses solver_few_shot and drop_f1_threshold.")
 
-    fingerprint_fields: ClassVar[tuple[str, ...]] = ("input", "solver", "sampling", "few_shot", "drop_f1_threshold")
+    fingerprint_fields: ClassVar[tuple[str, ...]] = ("input", "solver", "sampling", "method.solver_few_shot",
+                                                     "method.drop_f1_threshold")
     backend_fields: ClassVar[tuple[str, ...]] = ("solver",)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_keys(cls, data: Any) -> Any:
+        return legacy_method_keys(data, {"few_shot": "solver_few_shot", "drop_f1_threshold": "drop_f1_threshold"})
 
     @field_validator("sampling")
     @classmethod
@@ -124,67 +128,43 @@ class SolveWorker(ShardWorker):
         if schema is not None:
             self.schema = schema
         self.backend = make_backend(cfg.solver, cfg.cache_dir, job_dir=out_dir)
-        self.params = cfg.sampling
-        self.few_shot = cfg.few_shot
-        self.drop_f1_threshold = cfg.drop_f1_threshold
+        self.call = method.on_backends({"solver": self.backend}, {"solver": cfg.sampling})
+        self.method = cfg.method
         self.batch_size = chunk_size(self.backend, cfg.pool.batch_size)  # a Batch-API solver takes the whole shard
 
-    def request(self, row: dict[str, Any]) -> Request:
-        subqs = list(row["subquestions"] or [])
-        return Request(messages=solver_messages(row, subqs, few_shot=self.few_shot),
-                       sample_index=int(row.get("sample_index") or 0), row={**row, "subquestions": subqs}, role="solver")
-
-    def finish(self, row: dict[str, Any], c) -> dict[str, Any]:
-        """The output row for one completion (``error`` set: it goes to quarantine)."""
-        out = {**row, "subanswers": None, "prediction": None, "solver_raw_text": c.text, "solver": self.backend.name,
-               "solver_prompt_version": PROMPT_VERSION, "solver_prompt_tokens": c.prompt_tokens,
-               "solver_completion_tokens": c.completion_tokens, "solver_latency_s": c.latency_s,
-               "solver_cached": c.cached, "em": None, "f1": None, "correct": None, "parse_warning": None, "error": None}
-        if c.error:
-            out["error"] = f"solver error for request {row['request_id']}: {c.error}"
+    def finish(self, row: dict[str, Any], o: Outcome) -> dict[str, Any]:
+        """The output row of one solved decomposition (``error`` set: it goes to quarantine)."""
+        t = o.usage.stages["solver"]
+        out = {**row, "subanswers": None, "prediction": None, "solver_raw_text": o.solver_text, "solver": self.backend.name,
+               "solver_prompt_version": PROMPT_VERSION, "solver_prompt_tokens": t.prompt_tokens,
+               "solver_completion_tokens": t.completion_tokens, "solver_latency_s": t.latency_s,
+               "solver_cached": t.cached_calls > 0, "em": None, "f1": None, "correct": None, "parse_warning": None, "error": None}
+        if o.error:
+            out["error"] = f"request {row_label(row)}: {o.error}"
             return out
-        dataset = row["dataset"]
-        if dataset not in METRIC_NAME:
-            out["error"] = f"request {row['request_id']}: unknown dataset {dataset!r}, cannot score"
-            return out
-        subanswers, marked = parse_solver_output(c.text)
-        prediction = extract_answer(c.text, dataset)
-        warnings = []
-        if prediction is None:
-            warnings.append("no final answer in solver output (scored wrong)")
-        elif marked is None:
-            warnings.append("no 'The answer is:' marker; used the last number in the solver output")
-        n_subqs = len(row["subquestions"] or [])
-        if len(subanswers) != n_subqs:
-            warnings.append(f"{len(subanswers)} subanswers for {n_subqs} subquestions")
-        s = score(dataset, prediction, list(row["answers"] or []), self.drop_f1_threshold)
-        out.update(subanswers=subanswers, prediction=prediction, em=float(s["em"]), f1=float(s["f1"]),
-                   correct=bool(s["correct"]), parse_warning="; ".join(warnings) or None)
+        s = method.score(row, o.prediction, self.method.drop_f1_threshold)
+        out.update(subanswers=o.subanswers, prediction=o.prediction, em=float(s["em"]), f1=float(s["f1"]),
+                   correct=bool(s["correct"]), parse_warning=o.warning)
         return out
 
     def process(self, rows):
-        good, bad, completions = [], [], []
-        todo = []
-        for r in rows:
-            problem = input_problem(r, ("request_id", "question"))
-            if r.get("subquestions") is None:
-                bad.append({**r, "error": f"request {r.get('request_id')}: input row has no subquestions"})
-            elif problem:
-                bad.append({**r, "error": row_error(r, "input", problem)})
-            else:
-                todo.append(r)
-        for i in range(0, len(todo), self.batch_size):
-            chunk = todo[i : i + self.batch_size]
-            outs = self.backend.generate([self.request(r) for r in chunk], self.params)
-            completions.extend(outs)
-            for row, c in zip(chunk, outs):
-                try:
-                    out = self.finish(row, c)
-                except Exception as e:  # per row: an odd answer or gold field quarantines this row only
-                    out = {**row, "error": row_error(row, "score", exception_cause(e))}
-                (bad if out["error"] else good).append(out)
-        return good, bad, {**usage_of(completions), **accuracy_counters(good, bad),
-                           **ledger_usage("solver", self.backend, completions)}
+        todo, bad = split_inputs(rows, lambda r: missing_fields(r, ("request_id", "question")), _no_decomposition,
+                                 method.input_problem)
+        good, usage = [], Usage()
+        for chunk in chunks(todo, self.batch_size):
+            programs = [method.solve_given(r, list(r["subquestions"]), self.method) for r in chunk]
+            outcomes = method.run_batched(programs, self.call)
+            for o in outcomes:
+                usage.merge(o.usage)
+            g, b = finish_each(chunk, outcomes, self.finish, "score")  # an odd answer or gold field: this row only
+            good += g
+            bad += b
+        return good, bad, {**usage.counters(), **accuracy_counters(good, bad),
+                           **ledger_usage("solver", self.backend, usage.stages["solver"])}
+
+
+def _no_decomposition(row: dict[str, Any]) -> Optional[str]:
+    return "input row has no subquestions" if row.get("subquestions") is None else None
 
 
 def accuracy_counters(good: list[dict], bad: list[dict]) -> dict[str, float]:

@@ -14,6 +14,7 @@ from pipeline.cost import cost_summary, ledger_usage, merge, price_of
 from pipeline.backends.base import Completion
 from pipeline.estimate import TokenCounter
 from pipeline.manifest import read_manifest
+from pipeline.method import StageUsage
 from pipeline.parsing import ParseError
 from pipeline.structured import RESPONSE_FORMAT, parse_decomposition
 from ray_jobs import cli, evaluate, generate, infer
@@ -44,7 +45,8 @@ def test_price_table_lookup_and_overrides(tmp_path):
 def test_ledger_prices_online_batch_and_cache_apart():
     done = [Completion(text="x", prompt_tokens=1_000_000, completion_tokens=500_000)]
     cached = [Completion(text="x", prompt_tokens=10**9, completion_tokens=10**9, cached=True)]
-    totals = merge(ledger_usage("decomposer", _Named("gpt-4o-mini"), done + cached),
+    done, cached = StageUsage.of(done), StageUsage.of(cached)
+    totals = merge(ledger_usage("decomposer", _Named("gpt-4o-mini"), StageUsage().merge(done).merge(cached)),
                    ledger_usage("decomposer", _Named("gpt-4o-mini", "batch"), done),
                    ledger_usage("solver", _Named("gpt-4o"), done), ledger_usage("solver", _Named("my-model"), done),
                    {"rows_in": 3.0})

@@ -44,7 +44,7 @@ async def _async_call(c: method.Call) -> Completion:
 
 def test_static_decomposes_once_then_solves_in_order_and_scores():
     log: list = []
-    [out] = method.run_batched([method.static(ROW, method.Settings())], batch_call(log))
+    [out] = method.run_batched([method.static(ROW, method.MethodConfig())], batch_call(log))
     assert log == [("decomposer", 1), ("solver", 1)]
     assert out.subquestions == ["How many apples are in the bags?", "How many apples are left?"]
     assert out.subanswers == ["6", "12"] and out.prediction == "10" and out.warning is None
@@ -55,7 +55,7 @@ def test_static_decomposes_once_then_solves_in_order_and_scores():
 def test_batched_runs_one_batch_per_role_per_round():
     log: list = []
     rows = [{**ROW, "id": f"gsm8k:test:{i}"} for i in range(5)]
-    progs = [method.program(m, r, method.Settings()) for r, m in zip(rows, ["static", "static", "dynamic", "direct", "cot"])]
+    progs = [method.program(m, r, method.MethodConfig()) for r, m in zip(rows, ["static", "static", "dynamic", "direct", "cot"])]
     outs = method.run_batched(progs, batch_call(log))
     assert len(outs) == 5
     # round 1: 2 static decomposers, 1 dynamic step, 2 single-stage solvers (same role "direct")
@@ -66,7 +66,7 @@ def test_batched_runs_one_batch_per_role_per_round():
 
 @pytest.mark.parametrize("mode", ["static", "dynamic", "direct", "cot"])
 def test_batched_and_async_drivers_agree(mode):
-    s = method.Settings(max_subquestions=1)
+    s = method.MethodConfig(max_subquestions=1)
     [batched] = method.run_batched([method.program(mode, ROW, s)], batch_call([]))
     online = asyncio.run(method.run_async(method.program(mode, ROW, s), _async_call))
     assert batched == online
@@ -89,7 +89,7 @@ def test_a_failed_call_stops_the_program_with_a_stage_error():
     def failing(role, calls):
         return [Completion(error="HTTP 400: too long") if role == "solver" else scripted_model(c) for c in calls]
 
-    [out] = method.run_batched([method.static(ROW, method.Settings())], failing)
+    [out] = method.run_batched([method.static(ROW, method.MethodConfig())], failing)
     assert out.error == "solver error: HTTP 400: too long" and out.prediction is None
     assert out.subquestions and out.usage.calls == {"decomposer": 1, "solver": 1}
 
@@ -98,18 +98,18 @@ def test_dynamic_stops_after_max_steps_without_an_answer():
     def never_done(role, calls):
         return [Completion(text="Follow up: and then?") if role == "dynamic_decomposer" else Completion(text="ok") for _ in calls]
 
-    [out] = method.run_batched([method.dynamic(ROW, method.Settings(max_dynamic_steps=3))], never_done)
+    [out] = method.run_batched([method.dynamic(ROW, method.MethodConfig(max_dynamic_steps=3))], never_done)
     assert out.prediction is None and out.usage.calls == {"decomposer": 3, "solver": 3} and "after 3 steps" in out.warning
 
 
 def test_solve_given_starts_from_a_decomposition():
-    [out] = method.run_batched([method.solve_given(ROW, ["q1?", "q2?", "q3?"], method.Settings())], batch_call([]))
+    [out] = method.run_batched([method.solve_given(ROW, ["q1?", "q2?", "q3?"], method.MethodConfig())], batch_call([]))
     assert out.subanswers == ["6", "12", "18"] and out.usage.calls == {"decomposer": 0, "solver": 1}
 
 
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="unknown mode 'tree'"):
-        method.program("tree", ROW, method.Settings())
+        method.program("tree", ROW, method.MethodConfig())
 
 
 def test_bootstrap_interval_brackets_the_mean_and_narrows_with_n():
