@@ -121,3 +121,33 @@ def test_bootstrap_interval_brackets_the_mean_and_narrows_with_n():
     assert (large[1] - large[0]) < (small[1] - small[0]) / 3
     assert bootstrap_ci([1.0] * 7) == (1.0, 1.0) and bootstrap_ci([]) is None
     assert bootstrap_ci([1.0, 0.0, 1.0]) == bootstrap_ci([1.0, 0.0, 1.0])  # seeded: a report is reproducible
+
+
+def test_one_method_section_in_every_config_and_old_keys_still_land_in_it():
+    """generate, solve, infer and serve take the method's settings in one ``method:`` section (MethodConfig);
+    the keys each job had before it (few_shot, max_subquestions, ...) are read into that section."""
+    from pipeline.config import ConfigError, load_config
+    from pipeline.generation import GenerateConfig
+    from pipeline.inference import InferConfig
+    from pipeline.serving.config import load_serve_config
+    from pipeline.solving import SolveConfig
+
+    io = {"input": {"path": "x"}, "output": {"dir": "y"}}
+    gen = load_config(GenerateConfig, overrides={"teacher": {"type": "reference"}, **io, "few_shot": False, "max_subquestions": 3})
+    assert (gen.method.decomposer_few_shot, gen.method.max_subquestions) == (False, 3)
+    assert load_config(GenerateConfig, overrides={"teacher": {"type": "reference"}, **io}).method.decomposer_few_shot  # a teacher's default
+    sol = load_config(SolveConfig, overrides={"solver": {"type": "reference"}, **io, "few_shot": False, "drop_f1_threshold": 0.7})
+    assert (sol.method.solver_few_shot, sol.method.drop_f1_threshold) == (False, 0.7)
+    inf = load_config(InferConfig, overrides={"setting": "s", "solver": {"type": "reference"}, **io, "max_dynamic_steps": 2,
+                                              "method": {"max_subquestions": 4}})
+    assert (inf.method.max_dynamic_steps, inf.method.max_subquestions) == (2, 4)
+    served = {"decomposer": {"model": "m", "few_shot": True, "max_subquestions": 5},
+              "solver": {"backend": {"type": "hf", "model": "s"}, "few_shot": False}}
+    srv = load_serve_config(sections=served)
+    assert srv.method == method.MethodConfig(decomposer_few_shot=True, max_subquestions=5, solver_few_shot=False)
+    with pytest.raises(ConfigError, match="served_name"):
+        load_serve_config(sections=served, overrides=["solver.served_name=divconq-decomposer"])
+    with pytest.raises(ConfigError, match=r"method\.max_subquestions"):
+        load_config(SolveConfig, overrides={"solver": {"type": "reference"}, **io, "method": {"max_subquestions": 0}})
+    # the resume fingerprint holds what changes a job's output: the cap, for generate, but not the solver's settings
+    assert gen.fingerprint()["method"] == {"decomposer_few_shot": False, "max_subquestions": 3}

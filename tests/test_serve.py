@@ -15,6 +15,7 @@ import pytest
 from tests.servers import free_port
 
 SERVED = "tiny-decomposer"
+SOLVER = "divconq-solver"  # the solver's default served name
 TOKEN_ENV = "DIVCONQ_TEST_SERVE_TOKEN"
 TOKEN = "tok-3f9c1e7a5b2d4c68"  # a test value; the point is that it never shows up anywhere
 
@@ -139,14 +140,14 @@ def test_healthz_and_models(served):
     r = httpx.get(base + "/v1/models")
     assert r.status_code == 200
     body = r.json()
-    assert body["object"] == "list" and [m["id"] for m in body["data"]] == [SERVED]
+    assert body["object"] == "list" and [m["id"] for m in body["data"]] == [SERVED, SOLVER]  # both stages are served
 
 
 def test_chat_with_openai_client(served):
     import openai
 
     client = openai.OpenAI(base_url=served["base"] + "/v1", api_key="unused", max_retries=0, timeout=60)
-    assert [m.id for m in client.models.list()] == [SERVED]
+    assert [m.id for m in client.models.list()] == [SERVED, SOLVER]
     resp = client.chat.completions.create(model=SERVED, messages=[{"role": "system", "content": "Decompose."},
                                                                   {"role": "user", "content": "What is 2 + 3 * 4?"}],
                                           max_tokens=8, temperature=0.0)
@@ -181,6 +182,23 @@ def test_chat_with_httpx(served):
     choice = body["choices"][0]
     assert choice["index"] == 0 and choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
     assert body["usage"]["prompt_tokens"] > 0 and 0 < body["usage"]["completion_tokens"] <= 6
+
+
+def test_chat_routes_by_model_to_the_decomposer_or_the_solver(served):
+    """The model a chat request names picks the deployment (the decomposer's or the solver's served name),
+    each with its own sampling defaults; an unknown model is a 404 naming the served ones, as OpenAI's."""
+    base = served["base"]
+    before = httpx.get(base + "/v1/stats").json()
+    for model in (SERVED, SOLVER, SOLVER):
+        r = httpx.post(base + "/v1/chat/completions", timeout=60,
+                       json={"model": model, "messages": [{"role": "user", "content": "Q1: how many?"}], "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["model"] == model, r.text
+    after = httpx.get(base + "/v1/stats").json()
+    assert after["decomposer"]["requests"] - before["decomposer"]["requests"] == 1
+    assert after["solver"]["requests"] - before["solver"]["requests"] == 2
+    err = _assert_error(httpx.post(base + "/v1/chat/completions", timeout=60, json={
+        "model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}), 404, "model", contains="gpt-4o")
+    assert err["code"] == "model_not_found" and SERVED in err["message"] and SOLVER in err["message"]
 
 
 def test_our_openai_backend_uses_it_as_teacher(served):

@@ -3,10 +3,12 @@
 Routes (all JSON; the ingress in :mod:`pipeline.serving.deployments` implements them):
 
 * ``GET  /healthz`` -> ``{"status": "ok"}`` (never needs auth)
-* ``GET  /v1/models`` -> OpenAI model list with the decomposer's ``served_name``
-* ``POST /v1/chat/completions`` -> OpenAI chat completion from the decomposer model
+* ``GET  /v1/models`` -> OpenAI model list: the decomposer's and the solver's ``served_name``
+* ``POST /v1/chat/completions`` -> OpenAI chat completion from the model the request names: the
+  decomposer or the solver, so a client (our ``openai`` backend) can run either stage through the app
   (``stream: true`` gives OpenAI-style SSE chunks of the finished text)
-* ``POST /v1/solve`` ``{question, context?, dataset?}`` -> :class:`SolveResponse`
+* ``POST /v1/solve`` ``{question, context?, dataset?}`` -> :class:`SolveResponse` (the method of
+  :mod:`pipeline.method`, the same as the solve and infer jobs)
 * ``GET  /v1/stats`` -> batch-size histograms of the decomposer/solver replicas
 
 Request bodies are parsed here, not by FastAPI, so that every failure gets one error
@@ -135,8 +137,9 @@ class SolveUsage(BaseModel):
 class SolveResponse(BaseModel):
     """``decomposition_parsed`` is False when the decomposer's text had no recognisable
     subquestion list: it is then treated as "No decomposition" (``subquestions == []``) and
-    the solver answers directly. ``answer`` is None when the solver wrote no final-answer
-    marker; the raw texts are always returned."""
+    the solver answers directly. ``answer`` is read from the solver's text as the jobs read it
+    (after the last "The answer is:", else for a numeric dataset its last number); None when
+    there is none, and ``parse_warning`` says what was odd. The raw texts are always returned."""
 
     subquestions: list[str]
     subanswers: list[str]
@@ -144,6 +147,7 @@ class SolveResponse(BaseModel):
     decomposition_parsed: bool
     decomposer_text: str
     solver_text: str
+    parse_warning: Optional[str] = None
     usage: SolveUsage
     models: dict[str, str]
     latency_s: float

@@ -155,7 +155,7 @@ def start(cfg: ServeConfig, *, ingress_env: Optional[dict[str, str]] = None, rea
     serve.run(build_app(cfg, ingress_env=ingress_env), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
     base = cfg.base_url()
     _wait_healthy(base + "/healthz", ready_timeout_s)
-    log.info("serving %s (app %r) at %s", cfg.decomposer.served_name, cfg.app_name, base)
+    log.info("serving %s (app %r) at %s", " and ".join(cfg.served_models()), cfg.app_name, base)
     return base
 
 
@@ -206,7 +206,7 @@ def run(cfg: ServeConfig) -> Manifest:
     app is up: use that with a cluster, because a local Ray started by this process ends with it."""
     started = time.time()
     base = start(cfg)
-    print(f"divconq serve: {cfg.decomposer.served_name} at {base}  (OpenAI base_url: {base}/v1)", flush=True)
+    print(f"divconq serve: {' and '.join(cfg.served_models())} at {base}  (OpenAI base_url: {base}/v1)", flush=True)
     if cfg.blocking:
         serve_until_signal(cfg.app_name)
     return Manifest.of("serve", cfg, inputs={"decomposer": cfg.decomposer.model, "solver": cfg.solver.backend.model},

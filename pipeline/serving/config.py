@@ -5,9 +5,11 @@ Layout (see ``configs/serve.yaml``)::
     ray:        RayConfig (address / num_cpus / runtime_env) for ``divconq serve``
     http:       {host, port}                      Serve's HTTP proxy (default 127.0.0.1:8000)
     app_name, route_prefix, blocking, auth_token_env
-    decomposer: the distilled student (a local HF model dir, hub name or s3:// dir)
+    decomposer: the distilled student (a local HF model dir, hub name or s3:// dir), its served name
                 + sampling defaults + deployment options
-    solver:     {backend: {type: hf, ...} | {type: openai, ...}} + sampling + deployment options
+    solver:     {backend: {type: hf, ...} | {type: openai, ...}}, its served name + sampling + deployment options
+    method:     the two-stage method's settings for /v1/solve (pipeline.method.MethodConfig: the one
+                subquestion cap, few-shot prompts per stage), as in the solve and infer jobs
     ingress:    deployment options of the FastAPI ingress
     limits:     request size limits enforced by the ingress
 
@@ -31,6 +33,7 @@ from pipeline.backends.base import SamplingParams
 from pipeline.backends.hf_local import HFBackendConfig
 from pipeline.backends.openai_http import OpenAIBackendConfig
 from pipeline.config import Overrides, RayConfig, Strict, load_config
+from pipeline.method import MethodConfig, legacy_method_keys
 
 __all__ = [
     "ActorOptions",
@@ -151,8 +154,6 @@ class DecomposerConfig(_DeploymentOptions):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
     max_input_tokens: int = Field(2048, ge=16)
-    few_shot: bool = Field(False, description="Prompt with demos in /v1/solve (False: the student's own prompt).")
-    max_subquestions: int = Field(10, ge=1)
     sampling: SamplingParams = Field(default_factory=lambda: SamplingParams(max_tokens=128),
                                     description="Defaults of the decomposer's requests (a chat request may override them).")
 
@@ -168,8 +169,10 @@ SolverBackendConfig = Annotated[Union[HFBackendConfig, OpenAIBackendConfig], Fie
 
 class SolverConfig(_DeploymentOptions):
     backend: SolverBackendConfig
-    few_shot: bool = Field(True, description="Include the solver demonstration in its prompt.")
-    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    served_name: str = Field("divconq-solver", min_length=1,
+                             description="Model id clients send in /v1/chat/completions to reach the solver; in /v1/models.")
+    sampling: SamplingParams = Field(default_factory=SamplingParams,
+                                     description="Defaults of the solver's requests (a chat request may override them).")
 
     def backend_config(self) -> Union[HFBackendConfig, OpenAIBackendConfig]:
         if self.backend.type == "hf":
@@ -204,8 +207,15 @@ class ServeConfig(Strict):
                           "replica's environment, every route but /healthz needs 'Authorization: Bearer <token>'.")
     decomposer: DecomposerConfig
     solver: SolverConfig
+    method: MethodConfig = Field(default_factory=MethodConfig, description="The method of /v1/solve (pipeline/method.py).")
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_keys(cls, data: Any) -> Any:
+        return legacy_method_keys(data, {"decomposer.few_shot": "decomposer_few_shot",
+                                         "decomposer.max_subquestions": "max_subquestions", "solver.few_shot": "solver_few_shot"})
 
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":
@@ -213,9 +223,17 @@ class ServeConfig(Strict):
             raise ValueError("route_prefix must start with '/'")
         if self.route_prefix != "/" and self.route_prefix.endswith("/"):
             raise ValueError("route_prefix must not end with '/'")
-        if self.decomposer.sampling.max_tokens > self.limits.max_tokens:
-            raise ValueError("decomposer.sampling.max_tokens exceeds limits.max_tokens")
+        for stage in ("decomposer", "solver"):
+            if getattr(self, stage).sampling.max_tokens > self.limits.max_tokens:
+                raise ValueError(f"{stage}.sampling.max_tokens exceeds limits.max_tokens")
+        if self.decomposer.served_name == self.solver.served_name:
+            raise ValueError(f"decomposer.served_name and solver.served_name are both {self.solver.served_name!r}: "
+                             "a chat request names the model it wants, so they must differ")
         return self
+
+    def served_models(self) -> dict[str, str]:
+        """``{served name: stage}``: the models /v1/chat/completions routes to and /v1/models lists."""
+        return {self.decomposer.served_name: "decomposer", self.solver.served_name: "solver"}
 
     def base_url(self) -> str:
         """``http://host:port[/prefix]`` clients should use (wildcard hosts become 127.0.0.1)."""

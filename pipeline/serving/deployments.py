@@ -33,13 +33,11 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
 
+from pipeline import method
 from pipeline.backends import make_backend
-from pipeline.backends.base import BackendUnavailable, SamplingParams
+from pipeline.backends.base import BackendUnavailable, Completion, SamplingParams
 from pipeline.backends.base import Request as BackendRequest
-from pipeline.backends.hf_local import render_prompt
-from pipeline.backends.hf_local import HFBackendConfig
-from pipeline.parsing import ParseError, parse_solver_output, parse_subquestions
-from pipeline.prompts import decomposer_messages, solver_messages
+from pipeline.backends.hf_local import HFBackendConfig, render_prompt
 from pipeline.serving import api
 from pipeline.serving.api import APIError
 from pipeline.serving.config import ServeConfig, SolverBackendConfig
@@ -256,7 +254,7 @@ class Ingress:
         self.solver = solver
         self.cfg = cfg
         self.limits = cfg.limits
-        self.served_name: str = cfg.decomposer.served_name
+        self.served_models = cfg.served_models()  # {served name: stage}
         self._created = int(time.time())
         self._pid = os.getpid()
         self._status: Counter = Counter()
@@ -287,7 +285,7 @@ class Ingress:
     def auth_enabled(self) -> bool:
         return self._token is not None
 
-    async def call_model(self, stage: str, messages: list[dict[str, str]], params: dict[str, Any],
+    async def call_model(self, stage: str, messages: list[dict[str, str]], params: SamplingParams,
                          param: Optional[str] = None) -> dict[str, Any]:
         handle = self.decomposer if stage == "decomposer" else self.solver
         try:
@@ -366,7 +364,7 @@ def _chat_stream(svc: Ingress, req: api.ChatRequest, out: dict[str, Any], cid: s
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     def chunk(delta: dict[str, Any], finish: Optional[str]) -> dict[str, Any]:
-        c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": svc.served_name,
+        c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
              "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
         if include_usage:
             c["usage"] = None
@@ -378,7 +376,7 @@ def _chat_stream(svc: Ingress, req: api.ChatRequest, out: dict[str, Any], cid: s
             yield _sse(chunk({"content": out["text"]}, None))
         yield _sse(chunk({}, out["finish_reason"]))
         if include_usage:
-            yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": svc.served_name,
+            yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
                         "choices": [], "usage": usage.model_dump()})
         yield _sse("[DONE]")
 
@@ -386,46 +384,45 @@ def _chat_stream(svc: Ingress, req: api.ChatRequest, out: dict[str, Any], cid: s
 
 
 async def _chat(svc: Ingress, request: HTTPRequest):
-    """POST /v1/chat/completions: the decomposer model, OpenAI-style."""
+    """POST /v1/chat/completions, OpenAI-style: the model the request names (the decomposer's or the
+    solver's served name; any other is a 404)."""
     req = api.parse_body(api.ChatRequest, await request.body(), svc.limits)
-    req.check(svc.limits, (svc.served_name,))
-    params = req.sampling(svc.cfg.decomposer.sampling)
-    out = await svc.call_model("decomposer", [m.to_backend() for m in req.messages], params, "messages")
+    req.check(svc.limits, tuple(svc.served_models))
+    stage = svc.served_models[req.model]
+    params = req.sampling(getattr(svc.cfg, stage).sampling)
+    out = await svc.call_model(stage, [m.to_backend() for m in req.messages], params, "messages")
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     usage = api.ChatUsage(prompt_tokens=out["prompt_tokens"], completion_tokens=out["completion_tokens"],
                           total_tokens=out["prompt_tokens"] + out["completion_tokens"])
     if req.stream:
         return _chat_stream(svc, req, out, cid, created, usage)
     return api.ChatCompletionResponse(
-        id=cid, created=created, model=svc.served_name, usage=usage,
+        id=cid, created=created, model=req.model, usage=usage,
         choices=[api.ChatChoice(message=api.ChatChoiceMessage(content=out["text"]), finish_reason=out["finish_reason"])],
     ).model_dump()
 
 
 async def _solve(svc: Ingress, request: HTTPRequest) -> dict[str, Any]:
-    """POST /v1/solve: the decomposer's subquestions, then the solver's answers."""
+    """POST /v1/solve: the paper's static two-stage method (:func:`pipeline.method.static`, the same
+    program the solve and infer jobs run), each call awaited on the Decomposer or Solver deployment."""
     started = time.perf_counter()
-    dec_cfg, sol_cfg = svc.cfg.decomposer, svc.cfg.solver
     req = api.parse_body(api.SolveRequest, await request.body(), svc.limits)
     req.check(svc.limits)
-    row = req.row()
     param = "context" if req.context else "question"
-    dec = await svc.call_model("decomposer", decomposer_messages(row, few_shot=dec_cfg.few_shot),
-                               dec_cfg.sampling, param)
-    try:
-        subqs, parsed = parse_subquestions(dec["text"], dec_cfg.max_subquestions), True
-    except ParseError:
-        subqs, parsed = [], False  # unparseable: treated as "No decomposition"; the solver answers directly
-    sol = await svc.call_model("solver", solver_messages(row, subqs, few_shot=sol_cfg.few_shot),
-                               sol_cfg.sampling, param)
-    subanswers, answer = parse_solver_output(sol["text"])
+
+    async def call(c: method.Call) -> Completion:  # a failed call raises the HTTP error; the program never sees one
+        out = await svc.call_model(c.stage, c.messages, getattr(svc.cfg, c.stage).sampling, param)
+        return Completion(text=out["text"], prompt_tokens=out["prompt_tokens"], completion_tokens=out["completion_tokens"],
+                          finish_reason=out["finish_reason"])
+
+    o = await method.run_async(method.static(req.row(), svc.cfg.method), call)
+    stage_usage = {s: api.StageUsage(prompt_tokens=t.prompt_tokens, completion_tokens=t.completion_tokens)
+                   for s, t in o.usage.stages.items()}
     return api.SolveResponse(
-        subquestions=subqs, subanswers=subanswers, answer=answer, decomposition_parsed=parsed,
-        decomposer_text=dec["text"], solver_text=sol["text"],
-        usage=api.SolveUsage(
-            decomposer=api.StageUsage(prompt_tokens=dec["prompt_tokens"], completion_tokens=dec["completion_tokens"]),
-            solver=api.StageUsage(prompt_tokens=sol["prompt_tokens"], completion_tokens=sol["completion_tokens"])),
-        models={"decomposer": svc.served_name, "solver": sol_cfg.backend.model},
+        subquestions=o.subquestions or [], subanswers=o.subanswers or [], answer=o.prediction,
+        decomposition_parsed=bool(o.decomposition_parsed), decomposer_text=o.decomposer_text or "",
+        solver_text=o.solver_text or "", parse_warning=o.warning, usage=api.SolveUsage(**stage_usage),
+        models={stage: name for name, stage in svc.served_models.items()},
         latency_s=round(time.perf_counter() - started, 4),
     ).model_dump()
 
@@ -441,7 +438,7 @@ def create_api(svc: Ingress) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return api.ModelList(data=[api.ModelCard(id=svc.served_name, created=svc._created)]).model_dump()
+        return api.ModelList(data=[api.ModelCard(id=name, created=svc._created) for name in svc.served_models]).model_dump()
 
     @app.get("/v1/stats")
     async def stats() -> dict[str, Any]:
