@@ -81,6 +81,15 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def trained_tiny_model_dir(tmp_path_factory):
+    """The tiny Llama trained in process on the decomposer's and the solver's reply formats (its replies
+    parse: see tests/trained_model.py), built once per session."""
+    from tests.trained_model import train_two_stage_model
+
+    return train_two_stage_model(str(tmp_path_factory.mktemp("trained-tiny-llama")))
+
+
+@pytest.fixture(scope="session")
 def prepared_samples(tmp_path_factory):
     """The shipped samples run through ``prepare`` (GSM8K socratic train/test, DROP, Bamboogle)."""
     from pipeline.data import SourceConfig
