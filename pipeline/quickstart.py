@@ -67,7 +67,7 @@ def run(out: str, small: bool = False, port: int = 8000) -> str:
     from ray_jobs import evaluate, generate, infer, prepare, select, solve, train
 
     plan = Plan.of(small)
-    out = os.path.abspath(out) if not storage.is_s3(out) else out
+    out = storage.localize(out) if storage.is_local(out) else out
     p = lambda *parts: storage.join(out, *parts)  # noqa: E731
     timings: dict[str, float] = {}
     init_ray(RayConfig())

@@ -1,8 +1,9 @@
-"""Reading and writing Parquet row sets on local disk or S3."""
+"""Reading and writing Parquet row sets on any storage (:mod:`pipeline.storage`)."""
 
 from __future__ import annotations
 
 import io
+import json
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -30,7 +31,7 @@ def iter_rows(uri: str, columns: list[str] | None = None, batch_size: int = 1024
         if not storage.exists(path):
             raise FileNotFoundError(f"no such dataset: {uri}")
         return
-    fs, _ = storage.filesystem(path)
+    fs, _ = storage.arrow_filesystem(path)
     inner = [storage.filesystem(f)[1] for f in files]
     try:
         ds = pads.dataset(inner, filesystem=fs, format="parquet")
@@ -52,7 +53,7 @@ def count_rows(uri: str) -> int:
 
 
 def write_rows(uri: str, rows: list[dict[str, Any]], schema: pa.Schema | None = None) -> None:
-    """Write one Parquet file (atomically on local disk; a single PUT on S3)."""
+    """Write one Parquet file (atomically: see :func:`pipeline.storage.write_bytes`)."""
     table = pa.Table.from_pylist(rows, schema=schema)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
@@ -60,6 +61,4 @@ def write_rows(uri: str, rows: list[dict[str, Any]], schema: pa.Schema | None = 
 
 
 def write_jsonl(uri: str, rows: list[dict[str, Any]]) -> None:
-    import json
-
     storage.write_text(uri, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))

@@ -10,8 +10,8 @@ import io
 import logging
 import os
 
-import pyarrow.fs as pafs
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import storage, tables
 from pipeline.jobs import run_main
@@ -181,12 +181,12 @@ class _FailingFS:
     """The local filesystem, except that reads of ``path`` fail after ``ok_bytes`` (a storage wrapper)."""
 
     def __init__(self, path: str, ok_bytes: int):
-        self.path, self.ok_bytes, self.local = path, ok_bytes, pafs.LocalFileSystem()
+        self.path, self.ok_bytes, self.local = path, ok_bytes, LocalFileSystem()
 
-    def get_file_info(self, p):
-        return self.local.get_file_info(p)
+    def info(self, p):
+        return self.local.info(p)
 
-    def open_input_stream(self, p, compression=None):
+    def open(self, p, mode="rb", **kwargs):
         return io.BufferedReader(_FailingRaw(p, self.ok_bytes))
 
 

@@ -61,7 +61,7 @@ class HFBackend(Backend):
         from pipeline import storage
 
         self.name = model
-        path = storage.localize(model) if storage.is_s3(model) else model
+        path = model if storage.is_local(model) else storage.localize(model)  # a hub name is "local": no scheme
         self.device = pick_device(device)
         self.batch_size = batch_size
         self.max_input_tokens = max_input_tokens

@@ -30,7 +30,7 @@ __all__ = ["app_builder", "build_app", "load_serve_config", "shutdown", "start"]
 def _find_file(path: str) -> str:
     """``path`` as given, else relative to the project root (``serve deploy`` runs builders
     in a cluster process whose working directory is not the checkout)."""
-    if storage.is_s3(path) or os.path.isabs(path) or os.path.exists(path):
+    if not storage.is_local(path) or os.path.isabs(path) or os.path.exists(path):
         return path
     alt = os.path.join(project_root(), path)
     return alt if os.path.exists(alt) else path
@@ -38,8 +38,8 @@ def _find_file(path: str) -> str:
 
 def _resolve_model(path: str) -> str:
     """Relative local model dirs become absolute (replicas may run in another directory);
-    hub names and s3:// paths are left alone."""
-    if storage.is_s3(path) or os.path.isabs(path):
+    hub names and storage URLs (s3://...) are left alone."""
+    if not storage.is_local(path) or os.path.isabs(path):
         return path
     for base in (os.getcwd(), project_root()):
         cand = os.path.join(base, path)
@@ -50,12 +50,12 @@ def _resolve_model(path: str) -> str:
 
 def check_local_models(cfg: ServeConfig) -> None:
     """Fail fast, naming the key, when an hf model given as a local path does not exist
-    (instead of replicas failing to start). Hub names (``org/name``) and s3:// are not checked."""
+    (instead of replicas failing to start). Hub names (``org/name``) and storage URLs are not checked."""
     models = [("decomposer.model", cfg.decomposer.model)]
     if cfg.solver.backend.type == "hf":
         models.append(("solver.backend.model", cfg.solver.backend.model))
     for key, path in models:
-        if storage.is_s3(path):
+        if not storage.is_local(path):
             continue
         looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") >= 2 or "\\" in path
         if looks_local and not os.path.isdir(_resolve_model(path)):
