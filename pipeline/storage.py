@@ -137,14 +137,15 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         return _LOCAL, _local_path(uri)
     chain = [p.split("://")[0] for p in uri.split("::")[:-1]] + [protocol_of(uri.split("::")[-1])]
     options = _options(protocol) if len(chain) == 1 else {p: _options(p) for p in chain if _options(p)}
-    try:
-        fs, path = fsspec.core.url_to_fs(uri, **options)
-    except ImportError as e:
-        missing = next((OPTIONAL_PACKAGES[p] for p in chain if p in OPTIONAL_PACKAGES), None)
-        hint = f"pip install {missing}" if missing else str(e)
-        raise StorageError(f"{uri}: {protocol}:// needs a package that is not installed: {hint}") from e
-    except ValueError as e:  # fsspec: "Protocol not known"
-        raise StorageError(f"{uri}: no filesystem for {protocol}:// ({e})") from e
+    with _errors("connect to", uri):  # creating a filesystem may log in (FTP, SFTP)
+        try:
+            fs, path = fsspec.core.url_to_fs(uri, **options)
+        except ImportError as e:
+            missing = next((OPTIONAL_PACKAGES[p] for p in chain if p in OPTIONAL_PACKAGES), None)
+            hint = f"pip install {missing}" if missing else str(e)
+            raise StorageError(f"{uri}: {protocol}:// needs a package that is not installed: {hint}") from e
+        except ValueError as e:  # fsspec: "Protocol not known"
+            raise StorageError(f"{uri}: no filesystem for {protocol}:// ({e})") from e
     if isinstance(fs, s3fs.S3FileSystem):
         fs.retries = _S3FS_TRIES  # a class attribute in s3fs, not a constructor option
     return fs, path.rstrip("/") or path
@@ -288,10 +289,23 @@ class _ArrowHandler(pafs.FSSpecHandler):
             prefix = self._prefix = _url_prefix(self.uri)
         return prefix + str(path).lstrip("/")
 
+    def _file_fs(self) -> fsspec.AbstractFileSystem:
+        """The instance to open a file with: a new one (connection) each where instances are not cached."""
+        return self.fs if type(self.fs).cachable else filesystem(self.uri)[0]
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        with _errors("create dir", self._where(path)):
+            if not self.fs.isdir(path):  # FTP answers an existing one with a bare error_perm, not FileExistsError
+                self.fs.mkdir(path, create_parents=recursive)
+
+    def copy_file(self, src: str, dest: str) -> None:
+        with _errors("copy", f"{self._where(src)} -> {self._where(dest)}"):
+            _copy_file(self.fs, src, dest, self._file_fs)
+
     def _open(self, path: str, mode: str) -> Any:
         from pyarrow import PythonFile
 
-        fs = self.fs if type(self.fs).cachable else filesystem(self.uri)[0]  # not cachable: one connection each
+        fs = self._file_fs()
         with _errors("open", self._where(path)):
             if "r" in mode and fs.info(path)["type"] != "file":
                 raise FileNotFoundError(f"not a file: {path}")
@@ -324,8 +338,8 @@ def _translated(name: str) -> Callable[..., Any]:
     return call
 
 
-for _name in ("get_file_info", "get_file_info_selector", "create_dir", "delete_dir", "delete_dir_contents",
-              "delete_root_dir_contents", "delete_file", "move", "copy_file"):
+for _name in ("get_file_info", "get_file_info_selector", "delete_dir", "delete_dir_contents",
+              "delete_root_dir_contents", "delete_file", "move"):
     setattr(_ArrowHandler, _name, _translated(_name))
 
 
@@ -361,6 +375,7 @@ def makedirs(uri: str) -> None:
 # Remote files are read in ranges of this size (not s3fs's 50 MiB blocks): a stream of any size takes little
 # memory, and a file that goes away mid-read fails at the next range rather than after a big prefetch.
 READ_BLOCK = 256 * 1024
+COPY_CHUNK = 16 * 2**20
 
 
 def open_input(uri: str) -> _File:
@@ -496,15 +511,26 @@ def copy_dir(src: str, dst: str) -> None:
         raise FileNotFoundError(f"cannot copy {src}: no such directory")
     dst_join = os.path.join if dst_fs is _LOCAL else posixpath.join
     for found in _find(src_fs, src_path, src):
-        target = dst_join(dst_path, _relative(found, src_path))
-        with _errors("copy", f"{found} -> {dst}"):
+        rel = _relative(found, src_path)
+        target = dst_join(dst_path, rel)
+        with _errors("copy", f"{join(src, rel)} -> {join(dst, rel)}"):
             if not _whole_objects(dst_fs):
                 dst_fs.makedirs(_parent(dst_fs, target), exist_ok=True)
             if src_fs is dst_fs:
-                src_fs.copy(found, target)
+                _copy_file(src_fs, found, target, lambda: filesystem(dst)[0])
                 continue
             with src_fs.open(found, "rb") as r, dst_fs.open(target, "wb") as w:
-                shutil.copyfileobj(r, w, 16 * 2**20)
+                shutil.copyfileobj(r, w, COPY_CHUNK)
+
+
+def _copy_file(fs: fsspec.AbstractFileSystem, src: str, dest: str, file_fs: Callable[[], fsspec.AbstractFileSystem]) -> None:
+    """Copy within one filesystem: server-side where it can, else streamed through this process (FTP has no
+    copy; ``file_fs`` gives the instances to open both files with, two connections where that matters)."""
+    try:
+        fs.copy(src, dest)
+    except NotImplementedError:
+        with file_fs().open(src, "rb") as r, file_fs().open(dest, "wb") as w:
+            shutil.copyfileobj(r, w, COPY_CHUNK)
 
 
 def iter_lines(uri: str) -> Iterator[str]:
