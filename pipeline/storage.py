@@ -136,7 +136,7 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     if protocol == "file":
         return _LOCAL, _local_path(uri)
     chain = [p.split("://")[0] for p in uri.split("::")[:-1]] + [protocol_of(uri.split("::")[-1])]
-    options = _options(protocol) if len(chain) == 1 else {p: _options(p) for p in chain if _options(p)}
+    options = _options(protocol) if len(chain) == 1 else {p: o for p in chain if (o := _options(p))}
     with _errors("connect to", uri):  # creating a filesystem may log in (FTP, SFTP)
         try:
             fs, path = fsspec.core.url_to_fs(uri, **options)
@@ -388,6 +388,9 @@ def open_input(uri: str) -> _File:
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     with _errors("read", uri):
+        if fs is _LOCAL:  # a third of cat_file's time: shard commits read many small files
+            with open(path, "rb") as f:
+                return f.read()
         return fs.cat_file(path)
 
 
@@ -453,11 +456,20 @@ def delete_partial_writes(uri: str) -> None:
 def _find(fs: fsspec.AbstractFileSystem, path: str, uri: str, recursive: bool = True) -> list[str]:
     """Paths of the files under directory ``path``; a listing that fails raises."""
     with _errors("list", uri):
+        if fs is _LOCAL:  # os.scandir/os.walk: ~10x faster than fsspec's walk, which stats every entry in Python
+            if not recursive:
+                return [e.path for e in os.scandir(path) if e.is_file()]
+            return [os.path.join(d, n) for d, _, names in os.walk(path, onerror=_raise) for n in names
+                    if os.path.isfile(os.path.join(d, n))]
         if not recursive:
             return [e["name"] for e in fs.ls(path, detail=True) if e["type"] == "file"]
         if _walks(fs):  # fsspec's own find skips a directory it cannot list, unless told otherwise
             return fs.find(path, withdirs=False, on_error="raise")
         return fs.find(path, withdirs=False)  # s3fs, gcsfs, adlfs: one flat listing, which raises
+
+
+def _raise(e: OSError) -> None:
+    raise e
 
 
 def _walks(fs: fsspec.AbstractFileSystem) -> bool:
