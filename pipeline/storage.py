@@ -32,6 +32,7 @@ import threading
 from typing import Any, Callable, Iterator, Optional
 
 import fsspec
+import pyarrow as pa
 import pyarrow.fs as pafs
 import s3fs
 from fsspec.asyn import AsyncFileSystem
@@ -52,9 +53,10 @@ OPTIONAL_PACKAGES = {"gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlf
 # elsewhere (local disk, FTP, SFTP...) it goes to a temp file renamed into place, and parents are created.
 _OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "hf", "memory"})
 
-# Filesystems that cache directory listings: caching is off, so that a listing sees what other
-# processes (actors, a killed run) wrote since; pyarrow.fs, which this module replaced, never cached.
-_LISTING_CACHES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "hf", "ftp", "http", "https"})
+# Filesystems that cache directory listings, with the cache turned off: a listing must see what other processes
+# (actors, a killed run) wrote since; pyarrow.fs, which this module replaced, never cached. (adlfs breaks without
+# its cache, which it reads right after filling it: it is invalidated before each look instead, see _fresh.)
+_LISTING_CACHES = frozenset({"s3", "s3a", "gs", "gcs", "hf", "ftp", "http", "https"})
 
 _LOCAL = LocalFileSystem()
 
@@ -293,6 +295,17 @@ class _ArrowHandler(pafs.FSSpecHandler):
         """The instance to open a file with: a new one (connection) each where instances are not cached."""
         return self.fs if type(self.fs).cachable else filesystem(self.uri)[0]
 
+    def get_file_info(self, paths: list[str]) -> list[Any]:
+        with _errors("stat", self._where(", ".join(paths))):
+            for path in paths:
+                _fresh(self.fs, path)
+            return super().get_file_info(paths)
+
+    def get_file_info_selector(self, selector: Any) -> list[Any]:
+        with _errors("list", self._where(selector.base_dir)):
+            _fresh(self.fs, selector.base_dir)
+            return super().get_file_info_selector(selector)
+
     def create_dir(self, path: str, recursive: bool) -> None:
         with _errors("create dir", self._where(path)):
             if not self.fs.isdir(path):  # FTP answers an existing one with a bare error_perm, not FileExistsError
@@ -303,14 +316,12 @@ class _ArrowHandler(pafs.FSSpecHandler):
             _copy_file(self.fs, src, dest, self._file_fs)
 
     def _open(self, path: str, mode: str) -> Any:
-        from pyarrow import PythonFile
-
         fs = self._file_fs()
         with _errors("open", self._where(path)):
             if "r" in mode and fs.info(path)["type"] != "file":
                 raise FileNotFoundError(f"not a file: {path}")
             f = fs.open(path, mode=mode)
-        return PythonFile(_File(f, self._where(path)), mode="r" if "r" in mode else "w")
+        return pa.PythonFile(_File(f, self._where(path)), mode="r" if "r" in mode else "w")
 
     def open_input_stream(self, path: str) -> Any:
         return self._open(path, "rb")
@@ -329,24 +340,29 @@ def _translated(name: str) -> Callable[..., Any]:
     method = getattr(pafs.FSSpecHandler, name)
 
     def call(self: _ArrowHandler, *args: Any) -> Any:
-        first = args[0] if args else ""
-        path = getattr(first, "base_dir", first)  # a path, a FileSelector or a list of paths
-        with _errors(name.replace("_", " "), self._where(path if isinstance(path, str) else ", ".join(path))):
+        with _errors(name.replace("_", " "), self._where(args[0] if args else "/")):
             return method(self, *args)
 
     call.__name__ = name
     return call
 
 
-for _name in ("get_file_info", "get_file_info_selector", "delete_dir", "delete_dir_contents",
-              "delete_root_dir_contents", "delete_file", "move"):
+for _name in ("delete_dir", "delete_dir_contents", "delete_root_dir_contents", "delete_file", "move"):
     setattr(_ArrowHandler, _name, _translated(_name))
 
 
 # ---------------------------------------------------------------- operations
+def _fresh(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Forget the listings of ``path`` and its parent that a filesystem keeps despite _LISTING_CACHES."""
+    if fs is not _LOCAL:
+        fs.invalidate_cache(path)
+        fs.invalidate_cache(fs._parent(path))
+
+
 def _info(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> Optional[dict[str, Any]]:
     """``fs.info(path)``, or None when nothing is there. (fsspec's ``exists`` / ``isdir`` answer False on
     *any* error; a storage outage must not look like a missing file.)"""
+    _fresh(fs, path)
     with _errors("stat", uri):
         try:
             return fs.info(path)
@@ -455,6 +471,7 @@ def delete_partial_writes(uri: str) -> None:
 
 def _find(fs: fsspec.AbstractFileSystem, path: str, uri: str, recursive: bool = True) -> list[str]:
     """Paths of the files under directory ``path``; a listing that fails raises."""
+    _fresh(fs, path)
     with _errors("list", uri):
         if fs is _LOCAL:  # os.scandir/os.walk: ~10x faster than fsspec's walk, which stats every entry in Python
             if not recursive:

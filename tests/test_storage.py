@@ -50,6 +50,17 @@ def test_protocols_and_joins():
     assert storage.filesystem("file:///tmp/x/../y")[1] == "/tmp/y"
 
 
+def test_hub_dataset_or_hub_file():
+    """``hf://<owner>/<name>`` is a hub dataset (read with ``datasets``); a longer path is a file of a hub
+    repository, read through huggingface_hub's fsspec filesystem like any other URL."""
+    from pipeline.data import SourceConfig
+
+    assert SourceConfig(dataset="gsm8k", path="hf://openai/gsm8k").is_hub
+    assert not SourceConfig(dataset="gsm8k", path="hf://datasets/openai/gsm8k/main/test-00000-of-00001.parquet").is_hub
+    fs, path = storage.filesystem("hf://datasets/openai/gsm8k/main/x.parquet")  # built offline: no request yet
+    assert type(fs).__name__ == "HfFileSystem" and path == "datasets/openai/gsm8k/main/x.parquet"
+
+
 # ---------------------------------------------------------------- memory://: the helpers
 def test_memory_round_trip(mem, tmp_path):
     storage.write_json(storage.join(mem, "a", "x.json"), {"k": 1})
