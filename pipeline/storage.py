@@ -39,7 +39,7 @@ from fsspec.asyn import AsyncFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 __all__ = [
-    "StorageError", "OPTIONAL_PACKAGES", "protocol_of", "is_local", "is_s3", "filesystem", "arrow_filesystem",
+    "StorageError", "OPTIONAL_PACKAGES", "protocol_of", "is_local", "is_s3", "filesystem", "inner_path", "arrow_filesystem",
     "join", "exists", "is_dir", "makedirs", "open_input", "read_bytes", "read_text", "read_json", "write_bytes",
     "write_text", "write_json", "delete_partial_writes", "list_files", "delete", "copy_dir", "iter_lines",
     "localize",
@@ -151,6 +151,22 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     if isinstance(fs, s3fs.S3FileSystem):
         fs.retries = _S3FS_TRIES  # a class attribute in s3fs, not a constructor option
     return fs, path.rstrip("/") or path
+
+
+def inner_path(uri: str) -> str:
+    """``filesystem(uri)[1]`` without creating the filesystem (which for FTP or SFTP means logging in)."""
+    uri = str(uri)
+    protocol = protocol_of(uri)
+    if protocol == "file":
+        return _local_path(uri)
+    try:
+        cls = fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError):
+        cls = None
+    if cls is None or "::" in uri:
+        return filesystem(uri)[1]  # a chained URL; or the one-line error naming the missing package
+    path = cls._strip_protocol(uri)
+    return path.rstrip("/") or path
 
 
 def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:

@@ -11,6 +11,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.config import UsageError
 
 
 def dataset_path(uri: str) -> str:
@@ -32,14 +33,12 @@ def iter_rows(uri: str, columns: list[str] | None = None, batch_size: int = 1024
             raise FileNotFoundError(f"no such dataset: {uri}")
         return
     fs, _ = storage.arrow_filesystem(path)
-    inner = [storage.filesystem(f)[1] for f in files]
+    inner = [storage.inner_path(f) for f in files]
     try:
         ds = pads.dataset(inner, filesystem=fs, format="parquet")
         for batch in ds.to_batches(columns=columns, batch_size=batch_size):
             yield from batch.to_pylist()
     except pa.ArrowInvalid as e:  # a file that is not Parquet, or files that disagree: the input's fault
-        from pipeline.config import UsageError
-
         raise UsageError(f"cannot read the rows of {uri}: {e}") from e
 
 

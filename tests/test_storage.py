@@ -48,6 +48,8 @@ def test_protocols_and_joins():
     assert storage.join("ftp://127.0.0.1:21/d", "_done") == "ftp://127.0.0.1:21/d/_done"
     assert storage.join("runs/x", "data") == os.path.join("runs/x", "data")
     assert storage.filesystem("file:///tmp/x/../y")[1] == "/tmp/y"
+    for uri in ("s3://b/k/x.parquet", "memory://a/b/", "file:///tmp/y", "runs/x", "hf://datasets/o/n/f.parquet"):
+        assert storage.inner_path(uri) == storage.filesystem(uri)[1]  # the former without building a filesystem
 
 
 def test_hub_dataset_or_hub_file():
