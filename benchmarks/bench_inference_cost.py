@@ -100,7 +100,7 @@ def run_tokenized(prepared: str, limit: int, tokenizer_dir: str) -> dict[str, di
     """BPE token counts: ``InferWorker.process`` in this process with re-counting backends."""
     from transformers import AutoTokenizer
 
-    from pipeline.inference import InferWorker, as_requests
+    from pipeline.inference import InferConfig, InferWorker, as_requests
     from pipeline.outputs import InputConfig, filtered_rows
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -112,7 +112,7 @@ def run_tokenized(prepared: str, limit: int, tokenizer_dir: str) -> dict[str, di
                    "setting": f"bench {mode}", "mode": mode, "decomposer": {"type": "reference"},
                    "solver": {"type": "reference", "role": "solver"}, "decomposer_few_shot": dec_fs,
                    "solver_few_shot": sol_fs, "max_dynamic_steps": MAX_DYNAMIC_STEPS}
-            w = InferWorker(cfg["output"]["dir"], cfg, batch_size=16)
+            w = InferWorker(cfg["output"]["dir"], InferConfig.model_validate(cfg))
             w.solver = Retokenized(w.solver, tok)
             w.decomposer = Retokenized(w.decomposer, tok)
             good, bad, _ = w.process(rows)

@@ -254,7 +254,7 @@ def run_job(main, argv: list[str], out_dir: str) -> tuple[float, dict[str, Any]]
 
 
 def start_local_ray(num_cpus: int) -> float:
-    """Start a local Ray like ``pipeline.jobs.init_ray`` does (no dashboard), but without forwarding
+    """Start a local Ray like ``pipeline.cluster.init_ray`` does (no dashboard), but without forwarding
     worker logs to this terminal; returns the start-up time in seconds."""
     import ray
 

@@ -4,12 +4,14 @@ Configs are YAML files (loaded with ``yaml.safe_load`` only) validated by pydant
 models that forbid unknown keys, so a typo, a wrong type or a missing required field
 fails before any work starts, naming the key. ``key.sub=value`` overrides from the
 command line are applied before validation; values are parsed as YAML scalars.
+:func:`load_config` is the one loader (every job's CLI, ``serve``'s Serve-config builder, tests).
 """
 
 from __future__ import annotations
 
+import copy
 import os
-from typing import Annotated, Any, Literal, Optional, TypeVar, Union
+from typing import Annotated, Any, Literal, Mapping, Optional, TypeVar, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -25,8 +27,8 @@ class ConfigError(ValueError):
 
 class UsageError(ValueError):
     """A job cannot run as asked (an input of the wrong kind, an output dir holding something else);
-    the message says what to change. ``run_main`` reports it as one line; any other ValueError is a
-    bug and keeps its traceback."""
+    the message says what to change. The CLI (``ray_jobs._shell.run_main``) reports it as one line; any
+    other ValueError is a bug and keeps its traceback."""
 
 
 # ---------------------------------------------------------------- shared sections
@@ -165,7 +167,7 @@ BackendConfig = Annotated[
 
 
 # ---------------------------------------------------------------- loading
-def _parse_override(item: str) -> tuple[list[str], Any]:
+def _parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form key.sub=value")
     key, raw = item.split("=", 1)
@@ -175,22 +177,46 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {e}") from e
-    return key.split("."), value
+    return key, value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for item in overrides:
-        path, value = _parse_override(item)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-            node = child
-        node[path[-1]] = value
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    parts = str(key).split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+Overrides = Union[list[str], Mapping[str, Any], None]
+
+
+def apply_overrides(data: dict[str, Any], overrides: Overrides) -> dict[str, Any]:
+    """Set dotted keys in ``data`` (in place): ``["a.b=1", ...]`` (values parsed as YAML scalars) or
+    ``{"a.b": 1}`` (values taken as they are)."""
+    if isinstance(overrides, Mapping):
+        items = list(overrides.items())
+    else:
+        items = [_parse_override(item) for item in overrides or []]
+    for key, value in items:
+        _set_dotted(data, key, value)
     return data
+
+
+def deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with ``extra`` merged in: nested mappings key by key, anything else replaced."""
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
@@ -212,7 +238,7 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def load_yaml(path: str) -> dict[str, Any]:
-    from pipeline import storage
+    from pipeline import storage  # lazy: storage pulls in pyarrow's filesystems; pipeline.config stays cheap
 
     try:
         data = yaml.safe_load(storage.read_text(path)) if path else {}
@@ -227,14 +253,37 @@ def load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-def load_config(model: type[M], path: Optional[str] = None, overrides: Optional[list[str]] = None) -> M:
-    """Load ``path`` (YAML), apply dotted overrides, validate into ``model``."""
+def load_config(model: type[M], path: Optional[str] = None, overrides: Overrides = None,
+                sections: Optional[Mapping[str, Any]] = None) -> M:
+    """The one config loader: ``path`` (YAML, local or s3://), then nested ``sections`` deep-merged in,
+    then dotted ``overrides``; validated into ``model``. Any problem is a :class:`ConfigError` naming the key."""
     data = load_yaml(path) if path else {}
-    data = apply_overrides(data, list(overrides or []))
+    if sections:
+        data = deep_merge(data, sections)
+    data = apply_overrides(data, overrides)
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e, path or "<overrides>")) from None
+
+
+def _changed(data: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(data)
+    for k, v in changes.items():
+        out[k] = _changed(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def updated(cfg: M, changes: Mapping[str, Any]) -> M:
+    """A copy of ``cfg`` with ``changes``: a mapping for a section updates that section key by key;
+    anything else (a value, a list, a config object) replaces the field. Validated like a loaded config
+    (a ConfigError names the key); fields the original left unset stay unset, so what depends on which
+    fields were set (e.g. a flat price in :class:`PricingConfig`) keeps its meaning."""
+    data = _changed(cfg.model_dump(exclude_unset=True), changes)
+    try:
+        return type(cfg).model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, f"<{type(cfg).__name__} update>")) from None
 
 
 def config_to_dict(cfg: BaseModel) -> dict[str, Any]:

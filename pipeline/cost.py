@@ -18,6 +18,7 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
+from pipeline import storage
 from pipeline.config import ModelPrice, PricingConfig
 
 SHIPPED_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prices.yaml")
@@ -27,8 +28,6 @@ FIELDS = ("requests", "cached", "prompt_tokens", "completion_tokens")
 
 @functools.lru_cache(maxsize=8)
 def load_price_table(path: str = SHIPPED_TABLE) -> dict[str, ModelPrice]:
-    from pipeline import storage
-
     data = yaml.safe_load(storage.read_text(path)) or {}
     return {name: ModelPrice.model_validate(p) for name, p in (data.get("models") or {}).items()}
 

@@ -22,13 +22,19 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, Iterable, Optional
+import time
+from typing import Any, Callable, Iterable, Optional, Union
 
 from pipeline import prompts
 from pipeline.backends.reference import gold_pairs
+from pipeline.config import ConfigError
 from pipeline.cost import price_of, price_tokens
+from pipeline.generation import GenerateConfig
+from pipeline.inference import InferConfig
+from pipeline.manifest import Manifest
 from pipeline.outputs import filtered_rows
 from pipeline.parsing import format_subquestions
+from pipeline.solving import SolveConfig
 
 APPROX_CHARS_PER_TOKEN = 4
 MESSAGE_OVERHEAD = 3
@@ -49,7 +55,7 @@ class TokenCounter:
             self._from_tiktoken(backend_cfg.model)
 
     def _from_hf(self, path: str) -> None:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # lazy: ~2 s to import, needed only for a local tokenizer dir
 
         tok = AutoTokenizer.from_pretrained(path)
         self._encode = lambda text: len(tok.encode(text, add_special_tokens=False))
@@ -59,7 +65,7 @@ class TokenCounter:
 
     def _from_tiktoken(self, model: str) -> None:
         try:
-            import tiktoken
+            import tiktoken  # lazy: optional (not a dependency); without it tokens are approximated
         except ImportError:
             return
         try:
@@ -157,6 +163,19 @@ def _infer(cfg: Any) -> list[StageTally]:
 
 
 ESTIMATORS: dict[str, Callable[[Any], list[StageTally]]] = {"generate": _generate, "solve": _solve, "infer": _infer}
+CONFIGS = {"generate": GenerateConfig, "solve": SolveConfig, "infer": InferConfig}
+EstimatedConfig = Union[GenerateConfig, SolveConfig, InferConfig]
+
+
+def job_of(data: dict) -> str:
+    """Which job a config file is for, from its top-level keys."""
+    if "teacher" in data:
+        return "generate"
+    if {"decomposer", "setting", "mode"} & set(data):
+        return "infer"
+    if "solver" in data:
+        return "solve"
+    raise ConfigError("cannot tell which job this config is for (no teacher, solver or decomposer key); pass --job")
 
 
 def estimate(job: str, cfg: Any) -> dict[str, Any]:
@@ -181,3 +200,14 @@ def render(result: dict[str, Any]) -> str:
                      f"{s['online_cost']:.4f} (max {s['online_cost_max']:.4f}) {cur} | "
                      f"{s['batch_cost']:.4f} (max {s['batch_cost_max']:.4f}) {cur} | {s['token_counting']} | {s['price_source']} |")
     return "\n".join(lines)
+
+
+def run(cfg: EstimatedConfig) -> Manifest:
+    """The estimate job: what the generate, solve or infer job of ``cfg`` would send and cost (in
+    ``manifest.estimate``; :func:`render` makes it a table). Nothing is sent and nothing is written."""
+    started = time.time()
+    job = next(name for name, model in CONFIGS.items() if isinstance(cfg, model))
+    result = estimate(job, cfg)
+    counts = {k: result["total"][k] for k in ("requests", "prompt_tokens", "expected_completion_tokens", "max_completion_tokens")}
+    return Manifest.of("estimate", cfg, inputs={"questions": cfg.input.path}, counts=counts, started_at=started,
+                       extra={"estimate": result})

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Optional
 
+import numpy as np
 from pydantic import Field
 
 from pipeline import storage, tables
 from pipeline.config import PricingConfig, Strict
 from pipeline.cost import render_cost_section
-from pipeline.manifest import read_manifest
-from pipeline.metrics import METRIC_NAME
+from pipeline.manifest import Manifest, read_manifest
+from pipeline.metrics import METRIC_NAME, primary_metric
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +96,28 @@ def summarize(rows: list[dict], pricing: RolePricing) -> dict[str, Any]:
     }
 
 
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def bootstrap_ci(values: list[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> Optional[tuple[float, float]]:
+    """Percentile bootstrap 95 % interval of the mean of per-question scores (questions resampled
+    with replacement, a fixed seed so a report is reproducible)."""
+    if not values:
+        return None
+    v = np.asarray(values, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(v), size=(resamples, len(v)))
+    means = v[idx].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
 def primary(dataset: str, s: dict[str, Any]) -> float:
-    name = METRIC_NAME.get(dataset, "accuracy")
-    return {"exact_match": s["em"], "f1": s["f1"]}.get(name, s["accuracy"])
+    """The dataset's headline figure of a :func:`summarize` dict (its metric's mean)."""
+    return _primary(dataset, {"em": s["em"], "f1": s["f1"], "correct": s["accuracy"]})
+
+
+def _primary(dataset: str, scores: dict[str, Any]) -> float:
+    """:func:`~pipeline.metrics.primary_metric`; a dataset without a metric (only in quarantined rows) reads accuracy."""
+    return primary_metric(dataset, scores) if dataset in METRIC_NAME else float(scores["correct"] or 0.0)
 
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
@@ -116,8 +137,11 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                                     "total_cost": ledger.get("total_cost"), "currency": ledger.get("currency", "USD")})
         every = rows + quarantined
         for dataset in sorted({str(r["dataset"]) for r in every}):
-            s = summarize([r for r in every if str(r["dataset"]) == dataset], cfg.pricing)
-            s.update(setting=ref.name, dataset=dataset, metric=METRIC_NAME.get(dataset, "accuracy"), score=primary(dataset, s))
+            subset = [r for r in every if str(r["dataset"]) == dataset]
+            s = summarize(subset, cfg.pricing)
+            per_question = [_primary(dataset, _as_wrong(r)) for r in subset]
+            s.update(setting=ref.name, dataset=dataset, metric=METRIC_NAME.get(dataset, "accuracy"), score=primary(dataset, s),
+                     score_ci95=bootstrap_ci(per_question))
             results["table"].append(s)
     out = cfg.output.dir
     storage.write_json(storage.join(out, "results.json"), results)
@@ -134,18 +158,23 @@ def _fmt(v: Any, pct: bool = False) -> str:
     return str(v)
 
 
+def _fmt_ci(ci: Optional[tuple[float, float]]) -> str:
+    return f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "–"
+
+
 def render_report(results: dict[str, Any], plots: list[str]) -> str:
     lines = [f"# {results['title']}", "", "| dataset | setting | metric | score | coverage | n | ROUGE-L vs gold | count match | "
-             "parse rate | decomposer tok/q | solver tok/q | calls/q | decomposer token share | cost/q |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "parse rate | decomposer tok/q | solver tok/q | calls/q | decomposer token share | cost/q | score 95 % CI |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for s in results["table"]:
         lines.append(f"| {s['dataset']} | {s['setting']} | {s['metric']} | {_fmt(s['score'], True)} | "
                      f"{_fmt(s['coverage'], True)} | {s['n']} | "
                      f"{_fmt(s['rouge_l'], True)} | {_fmt(s['count_match'], True)} | {_fmt(s['parse_rate'], True)} | {_fmt(s['decomposer_tokens_per_q'])} | "
                      f"{_fmt(s['solver_tokens_per_q'])} | {_fmt(s['calls_per_q'])} | {_fmt(s['decomposer_token_share'], True)} | "
-                     f"{s['cost_per_q']:.5f} |")
+                     f"{s['cost_per_q']:.5f} | {_fmt_ci(s.get('score_ci95'))} |")
     lines += ["", "Scores and shares are percentages. A score divides by all n questions: a quarantined question counts "
-              "as wrong; coverage is the share answered. Tokens are as counted by each backend (the offline reference "
+              "as wrong; coverage is the share answered. The 95 % CI is a percentile bootstrap over questions "
+              f"({BOOTSTRAP_RESAMPLES} resamples). Tokens are as counted by each backend (the offline reference "
               "backends count words).", "", "## Lineage", ""]
     for st in results["settings"]:
         lin = st["lineage"]
@@ -160,10 +189,10 @@ def render_report(results: dict[str, Any], plots: list[str]) -> str:
 
 def write_plots(results: dict[str, Any], out: str) -> list[str]:
     """Metric per dataset and setting, and tokens per question split by stage (PNG)."""
-    import matplotlib
+    import matplotlib  # lazy: only the report's plots need it (~0.3 s, and a font cache on first use)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after matplotlib.use("Agg"), so no display is ever looked for
 
     table = results["table"]
     if not table:
@@ -221,3 +250,14 @@ def _wrap(text: str, width: int = 18) -> str:
         else:
             cur = f"{cur} {w}".strip()
     return "\n".join(lines + [cur])
+
+
+def run(cfg: EvaluateConfig) -> Manifest:
+    """The evaluate job: report.md, results.json and plots of ``cfg.settings`` into ``cfg.output.dir``."""
+    started = time.time()
+    results = evaluate(cfg)
+    manifest = Manifest.of("evaluate", cfg, inputs={s.name: s.predictions for s in cfg.settings},
+                           counts={"settings": len(cfg.settings), "rows": len(results["table"])},
+                           started_at=started).write(cfg.output.dir)
+    log.info("report: %s", storage.join(cfg.output.dir, "report.md"))
+    return manifest

@@ -9,25 +9,25 @@ token usage and latency; unparseable outputs and backend errors go to quarantine
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+import time
+from typing import Any, ClassVar, Optional
 
 import pyarrow as pa
-from pydantic import Field, TypeAdapter
+from pydantic import Field
 
 from pipeline.backends import Request, SamplingParams, make_backend
 from pipeline.backends.openai_batch import chunk_size
 from pipeline.cost import ledger_usage
 from pipeline.config import BackendConfig, SamplingConfig
-from pipeline.outputs import ShardedJobConfig
+from pipeline.manifest import Manifest
+from pipeline.outputs import ShardedJobConfig, filtered_rows
 from pipeline.parsing import ParseError
 from pipeline.prompts import PROMPT_VERSION, decomposer_messages
 from pipeline.schema import QUESTION_SCHEMA
-from pipeline.sharded import ShardWorker, exception_cause, row_error
+from pipeline.sharded import ShardWorker, exception_cause, row_error, run_sharded_job
 from pipeline.structured import parse_decomposition
 
 log = logging.getLogger(__name__)
-
-_backend_adapter: TypeAdapter = TypeAdapter(BackendConfig)
 
 USAGE_FIELDS = [
     pa.field("prompt_tokens", pa.int64()),
@@ -60,6 +60,9 @@ class GenerateConfig(ShardedJobConfig):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     few_shot: bool = Field(True, description="Include the worked demonstrations in the teacher prompt.")
     max_subquestions: int = Field(10, ge=1)
+
+    fingerprint_fields: ClassVar[tuple[str, ...]] = ("input", "teacher", "sampling", "few_shot")
+    backend_fields: ClassVar[tuple[str, ...]] = ("teacher",)
 
 
 def expand_samples(rows, n: int):
@@ -96,14 +99,13 @@ class DecomposeWorker(ShardWorker):
 
     schema = GENERATE_SCHEMA
 
-    def __init__(self, out_dir: str, teacher: dict, sampling: dict, few_shot: bool, max_subquestions: int,
-                 cache_dir: Optional[str] = None, batch_size: int = 16):
+    def __init__(self, out_dir: str, cfg: GenerateConfig):
         super().__init__(out_dir)
-        self.backend = make_backend(_backend_adapter.validate_python(teacher), cache_dir, job_dir=out_dir)
-        self.params = SamplingParams.from_config(SamplingConfig(**sampling))
-        self.few_shot = few_shot
-        self.max_subquestions = max_subquestions
-        self.batch_size = chunk_size(self.backend, batch_size)  # a Batch-API teacher takes the whole shard
+        self.backend = make_backend(cfg.teacher, cfg.cache_dir, job_dir=out_dir)
+        self.params = SamplingParams.from_config(cfg.sampling)
+        self.few_shot = cfg.few_shot
+        self.max_subquestions = cfg.max_subquestions
+        self.batch_size = chunk_size(self.backend, cfg.pool.batch_size)  # a Batch-API teacher takes the whole shard
 
     def process(self, rows):
         good, bad, completions = [], [], []
@@ -142,3 +144,17 @@ class DecomposeWorker(ShardWorker):
         except ParseError as e:
             out["error"] = f"parse error for request {row['request_id']}: {e}"
         return out
+
+
+def run(cfg: GenerateConfig) -> Manifest:
+    """The generate job: every (question, sample) decomposed by the teacher into ``cfg.output.dir``.
+
+    A rerun with the same config resumes: committed shards are kept, the rest are redone."""
+    started = time.time()
+    requests = expand_samples(filtered_rows(cfg.input), cfg.sampling.n)
+    counts, usage, _ = run_sharded_job(cfg, requests, DecomposeWorker, "generate", started)
+    manifest = Manifest.of("generate", cfg, inputs={"questions": cfg.input.path}, counts=counts, started_at=started,
+                           usage=usage).write(cfg.output.dir)
+    log.info("generate done: %s | tokens %d | est. cost %.4f %s -> %s", counts, usage["total_tokens"],
+             usage["estimated_cost"], usage["currency"], cfg.output.dir)
+    return manifest

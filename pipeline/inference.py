@@ -17,27 +17,30 @@ split by decomposer and solver.
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import pyarrow as pa
-from pydantic import Field, TypeAdapter
+from pydantic import Field
 
 from pipeline import metrics, prompts
 from pipeline.backends import Request, SamplingParams, make_backend
 from pipeline.backends.openai_batch import chunk_size
-from pipeline.cost import backend_mode, ledger_counts, merge
-from pipeline.config import BackendConfig, SamplingConfig
-from pipeline.generation import input_problem
-from pipeline.outputs import ShardedJobConfig
-from pipeline.parsing import ParseError, extract_answer, parse_dynamic_step, parse_solver_output
-from pipeline.structured import parse_decomposition
-from pipeline.schema import QUESTION_SCHEMA
-from pipeline.sharded import ShardWorker, exception_cause, row_error
 from pipeline.backends.reference import gold_pairs
+from pipeline.cost import backend_mode, ledger_counts, merge
+from pipeline.config import BackendConfig, SamplingConfig, UsageError
+from pipeline.generation import input_problem
+from pipeline.manifest import Manifest
+from pipeline.outputs import ShardedJobConfig, filtered_rows
+from pipeline.parsing import ParseError, extract_answer, parse_dynamic_step, parse_solver_output
+from pipeline.schema import QUESTION_SCHEMA
+from pipeline.sharded import ShardWorker, exception_cause, row_error, run_sharded_job
 from pipeline.similarity import decomposition_similarity
+from pipeline.structured import parse_decomposition
 
-_backend_adapter: TypeAdapter = TypeAdapter(BackendConfig)
+log = logging.getLogger(__name__)
+
 Mode = Literal["static", "dynamic", "direct", "cot"]
 
 INFER_SCHEMA = pa.schema(
@@ -84,6 +87,10 @@ class InferConfig(ShardedJobConfig):
     max_dynamic_steps: int = Field(6, ge=1)
     drop_f1_threshold: float = Field(0.5, ge=0.0, le=1.0)
 
+    fingerprint_fields: ClassVar[tuple[str, ...]] = ("input", "setting", "mode", "decomposer", "solver", "decomposer_sampling",
+                                                     "solver_sampling", "decomposer_few_shot", "solver_few_shot")
+    backend_fields: ClassVar[tuple[str, ...]] = ("decomposer", "solver")
+
 
 class _Tally:
     def __init__(self) -> None:
@@ -108,15 +115,14 @@ class InferWorker(ShardWorker):
 
     schema = INFER_SCHEMA
 
-    def __init__(self, out_dir: str, cfg: dict, batch_size: int = 16):
+    def __init__(self, out_dir: str, cfg: InferConfig):
         super().__init__(out_dir)
-        self.cfg = InferConfig.model_validate(cfg)
-        c = self.cfg
+        self.cfg = c = cfg
         self.solver = make_backend(c.solver, c.cache_dir, job_dir=out_dir)
         self.decomposer = make_backend(c.decomposer, c.cache_dir, job_dir=out_dir) if c.decomposer is not None else None
         self.dec_params = SamplingParams.from_config(c.decomposer_sampling)
         self.sol_params = SamplingParams.from_config(c.solver_sampling)
-        self.batch_size = max(chunk_size(b, batch_size) for b in (self.solver, self.decomposer) if b is not None)
+        self.batch_size = max(chunk_size(b, c.pool.batch_size) for b in (self.solver, self.decomposer) if b is not None)
 
     # ---- one stage over many rows: batched backend calls ----
     def _call(self, backend, role: str, rows: list[dict], messages: list, params) -> list:
@@ -270,3 +276,18 @@ def as_requests(rows):
     """One request per question; a row without an ``id`` gets ``input-row-<position>`` (and is quarantined)."""
     for i, row in enumerate(rows):
         yield {**row, "request_id": row.get("id") or f"input-row-{i}"}
+
+
+def run(cfg: InferConfig) -> Manifest:
+    """The infer job: the system of ``cfg`` (mode, decomposer, solver) over every question, each row scored.
+
+    A rerun with the same config resumes: committed shards are kept, the rest are redone."""
+    started = time.time()
+    if cfg.mode in ("static", "dynamic") and cfg.decomposer is None:
+        raise UsageError(f"mode {cfg.mode!r} needs a `decomposer` backend in the config")
+    counts, usage, _ = run_sharded_job(cfg, as_requests(filtered_rows(cfg.input)), InferWorker, f"infer[{cfg.setting}]",
+                                       started)
+    manifest = Manifest.of("infer", cfg, inputs={"questions": cfg.input.path}, counts=counts, started_at=started,
+                           usage=usage, extra={"setting": cfg.setting, "mode": cfg.mode}).write(cfg.output.dir)
+    log.info("infer[%s] done: %s -> %s", cfg.setting, counts, cfg.output.dir)
+    return manifest

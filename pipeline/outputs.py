@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, ClassVar, Optional
 
 from pydantic import Field
 
+from pipeline import tables
 from pipeline.config import ActorPoolConfig, PricingConfig, RayConfig, Strict
 
 
@@ -32,11 +33,24 @@ class ShardedJobConfig(Strict):
     cache_dir: Optional[str] = Field(None, description="Response cache (local or s3://); None disables it.")
     pricing: PricingConfig = Field(default_factory=PricingConfig)
 
+    # The sections that decide "the same job": a rerun into the same output.dir resumes only when they
+    # (and output.shard_size, which fixes the work units) are unchanged.
+    fingerprint_fields: ClassVar[tuple[str, ...]] = ("input",)
+    # The backend sections, whose API-key variables the actors get from the driver.
+    backend_fields: ClassVar[tuple[str, ...]] = ()
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The resume fingerprint: :attr:`fingerprint_fields` and the shard size."""
+        return {**self.model_dump(include=set(self.fingerprint_fields)), "shard_size": self.output.shard_size}
+
+    def secret_env(self) -> list[str]:
+        """Names of the environment variables holding the backends' API keys (never their values)."""
+        backends = [getattr(self, name) for name in self.backend_fields]
+        return [b.api_key_env for b in backends if getattr(b, "api_key_env", None)]
+
 
 def filtered_rows(inp: InputConfig, columns: Optional[list[str]] = None):
     """Input rows after the dataset/split filters and the limit."""
-    from pipeline import tables
-
     n = 0
     for row in tables.iter_rows(inp.path, columns=columns):
         if inp.datasets and row.get("dataset") not in inp.datasets:

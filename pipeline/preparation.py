@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from pydantic import Field
@@ -10,6 +11,7 @@ from pydantic import Field
 from pipeline import storage, tables
 from pipeline.config import Strict
 from pipeline.data import SourceConfig, load_source
+from pipeline.manifest import Manifest
 from pipeline.schema import QUARANTINE_SCHEMA, QUESTION_SCHEMA, Question
 from pipeline.sharded import split_storable, storable_rows
 
@@ -81,3 +83,14 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         flush(final=True)
         log.info("prepare: %s -> %s so far", src.path, counts["by_dataset"])
     return counts
+
+
+def run(cfg: PrepareConfig) -> Manifest:
+    """The prepare job: every source normalized into ``cfg.output.dir`` (a rerun rewrites it)."""
+    started = time.time()
+    counts = prepare(cfg)
+    manifest = Manifest.of("prepare", cfg, inputs={"sources": [s.path for s in cfg.sources]}, counts=counts,
+                           started_at=started).write(cfg.output.dir)
+    log.info("prepare: %d rows in, %d out, %d quarantined -> %s", counts["rows_in"], counts["rows_out"],
+             counts["quarantined"], cfg.output.dir)
+    return manifest

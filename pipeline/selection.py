@@ -34,12 +34,13 @@ plain Python), no Ray. Output layout (local or ``s3://``)::
     <out>/<variant>/train.jsonl                    FastChat/ShareGPT: {"id", "conversations": [{"from", "value"}]}
     <out>/<variant>/validation.jsonl
     <out>/README.md                                dataset card
-    <out>/manifest.json                            (written by the job script)
+    <out>/manifest.json                            (written by :func:`run`)
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import time
@@ -47,11 +48,12 @@ from collections import Counter, defaultdict
 from typing import Any, Iterable, Iterator, Literal, Optional
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import Field
 
 from pipeline import storage, tables
 from pipeline.config import Strict, UsageError
-from pipeline.manifest import read_manifest
+from pipeline.manifest import Manifest, read_manifest
 from pipeline.outputs import InputConfig, filtered_rows
 from pipeline.parsing import format_subquestions, parse_solver_output
 from pipeline.prompts import PROMPT_VERSION, decomposer_messages, solver_messages
@@ -220,10 +222,6 @@ def canonical_order(rows: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]
 
 
 def _input_columns(path: str) -> list[str]:
-    import io
-
-    import pyarrow.parquet as pq
-
     files = storage.list_files(tables.dataset_path(path), ".parquet")
     if not files:
         raise FileNotFoundError(f"no Parquet input rows under {path}")
@@ -412,3 +410,16 @@ def counts_of(summary: dict[str, Any]) -> dict[str, int]:
         for s in SPLITS:
             counts[f"{v}/{s}"] = c["splits"][s]
     return counts
+
+
+MANIFEST_KEYS = ("variants", "lineage", "warnings", "teachers", "solvers", "prompt_version", "input_prompt_versions")
+
+
+def run(cfg: SelectConfig) -> Manifest:
+    """The select job: the training sets of ``cfg.variants`` into ``cfg.output.dir`` (a rerun replaces them)."""
+    started = time.time()
+    summary = select(cfg)
+    manifest = Manifest.of("select", cfg, inputs={"solved": cfg.input.path}, counts=counts_of(summary),
+                           started_at=started, extra={k: summary[k] for k in MANIFEST_KEYS}).write(cfg.output.dir)
+    log.info("select done: %s -> %s", {v: c["splits"] for v, c in summary["variants"].items()}, cfg.output.dir)
+    return manifest

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import traceback
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -49,7 +50,10 @@ import pyarrow as pa
 
 from pipeline import storage, tables
 from pipeline.backends.base import BackendUnavailable
+from pipeline.cluster import init_ray
 from pipeline.config import ActorPoolConfig, UsageError
+from pipeline.cost import add_cost
+from pipeline.outputs import ShardedJobConfig
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +310,7 @@ def run_shards(
     runtime-env agent logs those verbatim), so a key exported where the job's driver runs
     reaches every actor without ever being written to a config, an output or a log.
     """
-    import ray
+    import ray  # lazy: ray costs ~1 s to import, and the CLI imports this module to validate a config
 
     todo = pending_shards(layout, shards)
     log.info("%s: %d of %d shards to do", label, len(todo), len(shards))
@@ -345,8 +349,6 @@ def _restart_args(pool: ActorPoolConfig) -> dict[str, Any]:
 
 
 def _secret_values(names: Optional[list[str]]) -> dict[str, str]:
-    import os
-
     return {n: os.environ[n] for n in (names or []) if n and os.environ.get(n)}
 
 
@@ -356,8 +358,6 @@ def _with_secrets(worker_cls: type) -> type:
 
     class _Worker(worker_cls):  # type: ignore[misc, valid-type]
         def __init__(self, _secrets: Optional[dict[str, str]] = None, **kwargs: Any) -> None:
-            import os
-
             os.environ.update(_secrets or {})
             super().__init__(**kwargs)
 
@@ -395,3 +395,21 @@ def run_summary(agg: dict[str, Any], pricing, wall_s: float) -> tuple[dict[str, 
              "estimated_cost": round(pricing.cost(prompt, completion), 6), "currency": pricing.currency,
              "rows_per_s_this_run": round(counts["rows_in"] / max(wall_s, 1e-9), 3)}
     return counts, usage
+
+
+def run_sharded_job(cfg: ShardedJobConfig, requests: Iterable[dict[str, Any]], worker_cls: type[ShardWorker], label: str,
+                    started_at: float, **worker_kwargs: Any) -> tuple[dict[str, int], dict[str, Any], dict[str, Any]]:
+    """What generate, solve and infer share: join Ray, stage ``requests`` as shards under ``cfg.output.dir``
+    (resuming a run with the same ``cfg.fingerprint()``), run the pending ones on actors of ``worker_cls``
+    (each built with ``cfg`` itself, plus ``worker_kwargs``), and price the result.
+
+    Returns ``(counts, usage, shard totals)``.
+    """
+    init_ray(cfg.ray)
+    layout = Layout(cfg.output.dir)
+    shards = stage_requests(layout, requests, cfg.output.shard_size, cfg.fingerprint(), cfg.output.overwrite)
+    totals = run_shards(layout, shards, worker_cls, {"cfg": cfg, **worker_kwargs}, cfg.pool, label,
+                        secret_env=cfg.secret_env())
+    counts, usage = run_summary(totals, cfg.pricing, time.time() - started_at)
+    add_cost(usage, totals, cfg.pricing)  # actual tokens and cost per stage, model and mode
+    return counts, usage, totals

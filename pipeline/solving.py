@@ -25,26 +25,29 @@ Failure policy:
 
 from __future__ import annotations
 
+import io
 import logging
-from typing import Any, Optional
+import time
+from typing import Any, ClassVar, Optional
 
 import pyarrow as pa
-from pydantic import Field, TypeAdapter, field_validator
+import pyarrow.parquet as pq
+from pydantic import Field, field_validator
 
+from pipeline import storage, tables
 from pipeline.backends import Request, SamplingParams, make_backend
 from pipeline.backends.openai_batch import chunk_size
 from pipeline.cost import ledger_usage
 from pipeline.config import BackendConfig, SamplingConfig, UsageError
 from pipeline.generation import GENERATE_SCHEMA, input_problem, usage_of
+from pipeline.manifest import Manifest
 from pipeline.metrics import METRIC_NAME, score
-from pipeline.outputs import ShardedJobConfig
+from pipeline.outputs import ShardedJobConfig, filtered_rows
 from pipeline.parsing import extract_answer, parse_solver_output
 from pipeline.prompts import PROMPT_VERSION, solver_messages
-from pipeline.sharded import ShardWorker, exception_cause, row_error
+from pipeline.sharded import ShardWorker, exception_cause, row_error, run_sharded_job
 
 log = logging.getLogger(__name__)
-
-_backend_adapter: TypeAdapter = TypeAdapter(BackendConfig)
 
 # Input columns a solve needs.
 REQUIRED_INPUT_COLUMNS = ("request_id", "id", "dataset", "question", "answers", "subquestions")
@@ -82,6 +85,9 @@ class SolveConfig(ShardedJobConfig):
     few_shot: bool = Field(True, description="Include the worked demonstration in the solver prompt.")
     drop_f1_threshold: float = Field(0.5, ge=0.0, le=1.0, description="DROP: a prediction is correct when F1 >= this.")
 
+    fingerprint_fields: ClassVar[tuple[str, ...]] = ("input", "solver", "sampling", "few_shot", "drop_f1_threshold")
+    backend_fields: ClassVar[tuple[str, ...]] = ("solver",)
+
     @field_validator("sampling")
     @classmethod
     def _one_solve_per_decomposition(cls, v: SamplingConfig) -> SamplingConfig:
@@ -93,12 +99,6 @@ class SolveConfig(ShardedJobConfig):
 
 def input_schema(path: str) -> pa.Schema:
     """The schema of an input row set (a job output root, a Parquet dir or file; local or s3://)."""
-    import io
-
-    import pyarrow.parquet as pq
-
-    from pipeline import storage, tables
-
     files = storage.list_files(tables.dataset_path(path), ".parquet")
     if not files:
         raise FileNotFoundError(f"no Parquet input rows under {path}")
@@ -119,16 +119,15 @@ class SolveWorker(ShardWorker):
 
     schema = SOLVE_SCHEMA
 
-    def __init__(self, out_dir: str, solver: dict, sampling: dict, few_shot: bool, drop_f1_threshold: float = 0.5,
-                 schema: Optional[pa.Schema] = None, cache_dir: Optional[str] = None, batch_size: int = 16):
+    def __init__(self, out_dir: str, cfg: SolveConfig, schema: Optional[pa.Schema] = None):
         super().__init__(out_dir)
         if schema is not None:
             self.schema = schema
-        self.backend = make_backend(_backend_adapter.validate_python(solver), cache_dir, job_dir=out_dir)
-        self.params = SamplingParams.from_config(SamplingConfig(**sampling))
-        self.few_shot = few_shot
-        self.drop_f1_threshold = drop_f1_threshold
-        self.batch_size = chunk_size(self.backend, batch_size)  # a Batch-API solver takes the whole shard
+        self.backend = make_backend(cfg.solver, cfg.cache_dir, job_dir=out_dir)
+        self.params = SamplingParams.from_config(cfg.sampling)
+        self.few_shot = cfg.few_shot
+        self.drop_f1_threshold = cfg.drop_f1_threshold
+        self.batch_size = chunk_size(self.backend, cfg.pool.batch_size)  # a Batch-API solver takes the whole shard
 
     def request(self, row: dict[str, Any]) -> Request:
         subqs = list(row["subquestions"] or [])
@@ -242,3 +241,20 @@ def _finish_summary(d: dict[str, float]) -> dict[str, float]:
             "coverage": round(answered / n, 6) if n else 0.0,
             "em": round(d["em"] / n, 6) if n else 0.0,
             "f1": round(d["f1"] / n, 6) if n else 0.0}
+
+
+def run(cfg: SolveConfig) -> Manifest:
+    """The solve job: every decomposition in ``cfg.input.path`` answered by the solver and scored.
+
+    A rerun with the same config resumes: committed shards are kept, the rest are redone."""
+    started = time.time()
+    schema = solve_schema(input_schema(cfg.input.path))
+    counts, usage, totals = run_sharded_job(cfg, filtered_rows(cfg.input), SolveWorker, "solve", started, schema=schema)
+    accuracy = accuracy_summary(totals)
+    counts["parse_warnings"] = int(totals.get("parse_warnings", 0))
+    manifest = Manifest.of("solve", cfg, inputs={"decompositions": cfg.input.path}, counts=counts, started_at=started,
+                           usage=usage, extra={"accuracy": accuracy}).write(cfg.output.dir)
+    log.info("solve done: %s | accuracy %s | tokens %d | est. cost %.4f %s -> %s", counts,
+             {k: v["accuracy"] for k, v in accuracy.items()}, usage["total_tokens"], usage["estimated_cost"],
+             usage["currency"], cfg.output.dir)
+    return manifest

@@ -15,9 +15,13 @@ template (the tests keep them in ``tests/fixtures/chat_templates/``).
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Optional
+
+from pipeline import tables
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
@@ -33,8 +37,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, special_tokens
                     chat_template: Optional[str] = CHAT_TEMPLATE):
     """Train a byte-level BPE tokenizer and wrap it as a ``PreTrainedTokenizerFast``
     (defaults: the project's own tokens and template; a family passes its own)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # lazy: with transformers, below
+    from transformers import PreTrainedTokenizerFast  # lazy: ~2 s to import; only building a model needs it
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -70,8 +74,8 @@ def build_tiny_model(
     seed: int = 0,
 ) -> str:
     """Build and save a tiny randomly initialized causal LM + tokenizer in ``out_dir``."""
-    import torch
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    import torch  # lazy: torch and transformers take ~5 s to import; only building a model needs them
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig  # lazy: as torch
 
     torch.manual_seed(seed)
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
@@ -153,7 +157,7 @@ FAMILIES: dict[str, Family] = {
 def family_config(family: str, tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
                   max_positions: int = 1024):
     """The family's ``transformers`` config for a tiny model with ``tokenizer``'s ids."""
-    import transformers
+    import transformers  # lazy: ~2 s to import; only building a model needs it
 
     spec = FAMILIES[family]
     ids = {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
@@ -172,8 +176,8 @@ def build_family_model(out_dir: str, family: str, texts: Iterable[str], chat_tem
                        vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
                        max_positions: int = 1024, seed: int = 0) -> str:
     """Build and save a tiny random-weight model of a hub ``family`` (a key of :data:`FAMILIES`)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    import torch  # lazy: torch and transformers take ~5 s to import; only building a model needs them
+    from transformers import AutoModelForCausalLM  # lazy: as torch
 
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
@@ -208,10 +212,6 @@ def corpus_texts(rows: Iterable[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.tiny_models --out DIR [--from PREPARED]``: build a tiny model offline."""
-    import argparse
-
-    from pipeline import tables
-
     parser = argparse.ArgumentParser(prog="python -m pipeline.tiny_models", description=main.__doc__)
     parser.add_argument("--out", required=True, help="model directory to write")
     parser.add_argument("--from", dest="source", default="runs/prepare", help="prepared questions to train the tokenizer on")
@@ -227,6 +227,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

@@ -1,4 +1,5 @@
-"""``divconq <job> --config FILE [key=value ...]``: dispatch to ``ray_jobs.<job>.main``."""
+"""``divconq <job> --config FILE [key=value ...]``: dispatch to ``ray_jobs.<job>.main`` (a shell over the
+job's library call ``run(cfg) -> Manifest``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import importlib
 import sys
 
 JOBS = ("prepare", "generate", "solve", "select", "train", "serve", "infer", "evaluate", "quickstart", "estimate")
-
 
 
 def config_model(job: str):

@@ -6,29 +6,14 @@
 
 from __future__ import annotations
 
-import logging
 import sys
-import time
 
-from pipeline.jobs import parse_job_args, run_main
-from pipeline.manifest import write_manifest
-from pipeline.preparation import PrepareConfig, prepare
-
-log = logging.getLogger("divconq.prepare")
+from pipeline.preparation import PrepareConfig, run
+from ray_jobs._shell import job_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_job_args("prepare", PrepareConfig, argv, __doc__)
-
-    def body() -> None:
-        started = time.time()
-        counts = prepare(cfg)
-        write_manifest(cfg.output.dir, "prepare", cfg, inputs={"sources": [s.path for s in cfg.sources]},
-                       counts=counts, started_at=started)
-        log.info("prepare: %d rows in, %d out, %d quarantined -> %s", counts["rows_in"], counts["rows_out"],
-                 counts["quarantined"], cfg.output.dir)
-
-    return run_main(body)
+    return job_main("prepare", PrepareConfig, run, argv, __doc__)
 
 
 if __name__ == "__main__":

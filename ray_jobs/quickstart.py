@@ -13,7 +13,9 @@ import argparse
 import sys
 
 from pipeline import storage
-from pipeline.jobs import run_main, setup_logging
+from pipeline.config import ConfigError, load_config
+from pipeline.quickstart import QuickstartConfig, run
+from ray_jobs._shell import config_error, run_main, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,10 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="a smaller, faster run (CI)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port for the served app (127.0.0.1)")
     args = parser.parse_args(argv)
-    from pipeline.quickstart import run
+    try:
+        cfg = load_config(QuickstartConfig, overrides={"out": args.out, "small": args.small, "port": args.port})
+    except ConfigError as e:
+        raise config_error("quickstart", e) from None
 
     def body() -> None:
-        report = run(args.out, small=args.small, port=args.port)
+        report = run(cfg).report
         print(f"\nquickstart complete. Report: {report}\n")
         print(storage.read_text(report))
 

@@ -8,30 +8,14 @@ No Ray needed: a deterministic group-by on the driver. A rerun replaces the prev
 
 from __future__ import annotations
 
-import logging
 import sys
-import time
 
-from pipeline.jobs import parse_job_args, run_main
-from pipeline.manifest import write_manifest
-from pipeline.selection import SelectConfig, counts_of, select
-
-log = logging.getLogger("divconq.select")
+from pipeline.selection import SelectConfig, run
+from ray_jobs._shell import job_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_job_args("select", SelectConfig, argv, __doc__)
-
-    def body() -> None:
-        started = time.time()
-        summary = select(cfg)
-        write_manifest(cfg.output.dir, "select", cfg, inputs={"solved": cfg.input.path}, counts=counts_of(summary),
-                       started_at=started,
-                       extra={k: summary[k] for k in ("variants", "lineage", "warnings", "teachers", "solvers",
-                                                      "prompt_version", "input_prompt_versions")})
-        log.info("select done: %s -> %s", {v: c["splits"] for v, c in summary["variants"].items()}, cfg.output.dir)
-
-    return run_main(body)
+    return job_main("select", SelectConfig, run, argv, __doc__)
 
 
 if __name__ == "__main__":

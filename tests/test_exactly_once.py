@@ -16,13 +16,18 @@ import os
 import pytest
 
 from pipeline import storage, tables
-from pipeline.config import SamplingConfig
-from pipeline.generation import DecomposeWorker, expand_samples
+from pipeline.generation import DecomposeWorker, GenerateConfig, expand_samples
 from pipeline.sharded import Layout, pending_shards, stage_requests
 from tests.servers.openai_stub import DECOMPOSITION_REPLY, OpenAIStubServer
 
 N_ROWS = 5
 SHARD = "shard-00000"
+
+
+def worker_config(root: str, teacher) -> GenerateConfig:
+    return GenerateConfig.model_validate({
+        "input": {"path": "unused"}, "output": {"dir": root}, "few_shot": False, "max_subquestions": 10,
+        "teacher": {"type": "openai", "model": "stub", "base_url": teacher.base_url, "api_key_env": None, "max_retries": 0}})
 
 
 class Killed(BaseException):
@@ -86,9 +91,7 @@ def test_redo_after_a_crash_before_each_write(where, first_bad, redo_bad, crash,
     questions = [r for r in tables.read_rows(prepared_samples) if r["dataset"] == "gsm8k"][:N_ROWS]
     layout = Layout(root)
     assert stage_requests(layout, expand_samples(questions, 1), N_ROWS, {"t": 1}) == [SHARD]
-    worker = DecomposeWorker(root, teacher={"type": "openai", "model": "stub", "base_url": teacher.base_url,
-                                            "api_key_env": None, "max_retries": 0},
-                             sampling=SamplingConfig().model_dump(), few_shot=False, max_subquestions=10)
+    worker = DecomposeWorker(root, worker_config(root, teacher))
     bad_q = questions[0]["question"]
     all_ids = sorted(f"{q['id']}#0" for q in questions)
 
@@ -120,9 +123,7 @@ def test_a_killed_local_write_leaves_no_temp_file_after_the_redo(teacher, prepar
     questions = [r for r in tables.read_rows(prepared_samples) if r["dataset"] == "gsm8k"][:N_ROWS]
     layout = Layout(root)
     stage_requests(layout, expand_samples(questions, 1), N_ROWS, {"t": 1})
-    worker = DecomposeWorker(root, teacher={"type": "openai", "model": "stub", "base_url": teacher.base_url,
-                                            "api_key_env": None, "max_retries": 0},
-                             sampling=SamplingConfig().model_dump(), few_shot=False, max_subquestions=10)
+    worker = DecomposeWorker(root, worker_config(root, teacher))
     teacher.state["bad"] = None
     real_replace = os.replace
 

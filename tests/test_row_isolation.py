@@ -14,7 +14,7 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import storage, tables
-from pipeline.jobs import run_main
+from ray_jobs._shell import run_main
 from pipeline.manifest import read_manifest
 from ray_jobs import generate, infer, prepare, solve
 from tests.conftest import REPO, SAMPLES

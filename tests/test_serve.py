@@ -103,12 +103,13 @@ def test_solver_proxies_an_openai_endpoint(served):
     the ingress) while the replica keeps serving."""
     from ray import serve
 
+    from pipeline.config import OpenAIBackendConfig
     from pipeline.serving.deployments import Solver
     from tests.servers.openai_stub import SOLUTION_REPLY, OpenAIStubServer
 
     with OpenAIStubServer(latency_s=0.05) as srv:
-        backend = {"type": "openai", "base_url": srv.base_url, "model": "stub-model", "api_key_env": None,
-                   "max_retries": 0, "concurrency": 8}
+        backend = OpenAIBackendConfig(base_url=srv.base_url, model="stub-model", api_key_env=None, max_retries=0,
+                                      concurrency=8)
         app = Solver.options(max_ongoing_requests=16, ray_actor_options={"num_cpus": 0.1}).bind(backend, 4, 0.2)
         handle = serve.run(app, name="solver-proxy", route_prefix=None)
         try:

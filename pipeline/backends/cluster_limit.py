@@ -24,6 +24,8 @@ import logging
 import time
 from typing import Any, Optional
 
+from pipeline.backends.rate_limit import AsyncRateLimiter
+
 log = logging.getLogger(__name__)
 
 
@@ -77,7 +79,7 @@ def limiter_name(base_url: str, model: str, rpm: Optional[float], tpm: Optional[
 def in_ray_actor() -> bool:
     """True inside a Ray actor process (where several copies of a backend may run at once)."""
     try:
-        import ray
+        import ray  # lazy: ~1 s to import; the CLI imports the backends to validate a config
 
         return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
     except Exception:  # pragma: no cover - Ray missing or not usable here
@@ -85,7 +87,7 @@ def in_ray_actor() -> bool:
 
 
 def _actor_class():
-    import ray
+    import ray  # lazy: ~1 s to import; the CLI imports the backends to validate a config
 
     @ray.remote(num_cpus=0, max_restarts=0)
     class RateLimiterActor:
@@ -126,7 +128,7 @@ class ClusterRateLimiter:
         return self._handle
 
     async def _reserve(self, tokens: list[float]) -> list[float]:
-        import ray
+        import ray  # lazy: ~1 s to import; the CLI imports the backends to validate a config
 
         try:
             return await asyncio.wrap_future(self._actor().reserve_many.remote(tokens).future())
@@ -167,8 +169,6 @@ class ClusterRateLimiter:
 
 def make_rate_limiter(config: Any):
     """The limiter a backend with ``config`` (an OpenAIBackendConfig) should use in this process."""
-    from pipeline.backends.rate_limit import AsyncRateLimiter
-
     c = config
     if c.rate_limit_scope == "job" and (c.requests_per_minute or c.tokens_per_minute) and in_ray_actor():
         name = limiter_name(c.base_url, c.model, c.requests_per_minute, c.tokens_per_minute, c.rate_limit_burst_s)

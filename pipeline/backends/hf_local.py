@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 import time
 
+from pipeline import storage
 from pipeline.backends.base import Backend, Completion, Request, SamplingParams
 
 log = logging.getLogger(__name__)
 
 
 def pick_device(requested: str = "auto") -> str:
-    import torch
+    import torch  # lazy: ~3 s to import; only a process that loads a model needs it
 
     if requested != "auto":
         return requested
@@ -34,7 +35,7 @@ def pick_device(requested: str = "auto") -> str:
 
 
 def pick_dtype(requested: str, device: str):
-    import torch
+    import torch  # lazy: ~3 s to import; only a process that loads a model needs it
 
     if requested != "auto":
         return getattr(torch, requested)
@@ -55,10 +56,8 @@ class HFBackend(Backend):
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
                  trust_remote_code: bool = False, max_input_tokens: int = 2048, generation_kwargs: dict | None = None,
                  truncate_prompts: bool = False):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from pipeline import storage
+        import torch  # lazy: torch and transformers take ~5 s to import; only a process that loads a model needs them
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: as torch
 
         self.name = model
         path = model if storage.is_local(model) else storage.localize(model)  # a hub name is "local": no scheme

@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from pipeline import storage
 from pipeline.backends.base import Backend, BackendUnavailable, Completion, Request, SamplingParams
 from pipeline.structured import STRUCTURED_ROLES, guided_decoding_params
 
@@ -39,7 +40,7 @@ def engine_kwargs(cfg) -> dict[str, Any]:
 
 def processor_config(cfg, model_source: str | None = None):
     """``vLLMEngineProcessorConfig`` / ``SGLangEngineProcessorConfig`` with every field of ``cfg``."""
-    from ray.data import llm
+    from ray.data import llm  # lazy: ray.data costs ~2 s to import; only a type: vllm backend needs it
 
     cls = llm.vLLMEngineProcessorConfig if cfg.engine == "vllm" else llm.SGLangEngineProcessorConfig
     return cls(model_source=model_source or cfg.model, engine_kwargs=engine_kwargs(cfg), concurrency=cfg.concurrency,
@@ -88,7 +89,7 @@ def to_completion(out: dict[str, Any], max_tokens: int, latency_s: float) -> Com
 def build_processor(cfg, params: SamplingParams, model_source: str | None = None):
     """A Ray Data LLM processor mapping rows ``{request_index, sample_index, messages}`` to
     ``{request_index, text, prompt_tokens, completion_tokens, error}``."""
-    from ray.data.llm import build_processor as build
+    from ray.data.llm import build_processor as build  # lazy: as in processor_config
 
     return build(processor_config(cfg, model_source), preprocess=_Preprocess(cfg.engine, params), postprocess=postprocess)
 
@@ -97,8 +98,6 @@ class VLLMBackend(Backend):
     """``type: vllm``: each ``generate`` call runs one Ray Data LLM pipeline over its requests."""
 
     def __init__(self, cfg, **_: Any):
-        from pipeline import storage
-
         self.cfg = cfg
         self.name = cfg.model
         # storage URLs (s3://...) are fetched once here; engines on other nodes need the model at the same
@@ -107,7 +106,7 @@ class VLLMBackend(Backend):
         self.processor_config = processor_config(cfg, self.model_source)  # validates every field now
 
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
-        import ray.data
+        import ray.data  # lazy: ~2 s to import; only a type: vllm backend needs it
 
         guided = bool(getattr(self.cfg, "structured_output", False))
         rows = [{"request_index": i, "sample_index": r.sample_index, "messages": r.messages,

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 from pipeline.data import bamboogle, drop, generic, gsm8k
+from pipeline.data.hub import load_hub
 from pipeline.data.sources import FILE_DAMAGE, RowParser, SourceConfig, SourceReadError, check_file, resolve_format, take_good
 from pipeline.schema import Question, Rejected
 
@@ -31,8 +32,6 @@ def row_parser(src: SourceConfig) -> RowParser:
 def load_source(src: SourceConfig) -> Iterator[Question | Rejected]:
     """Questions and rejected rows of one source, in file order."""
     if src.is_hub:
-        from pipeline.data.hub import load_hub
-
         return take_good(load_hub(src, row_parser(src)), src.limit)
     resolve_format(src)
     check_file(src.path)

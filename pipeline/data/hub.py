@@ -26,7 +26,7 @@ def load_hub(src: SourceConfig, parser: RowParser) -> Iterator[Question | Reject
     """Stream ``src`` from the hub through ``parser``. Raises ImportError at call time when
     ``datasets`` is missing."""
     try:
-        import datasets
+        import datasets  # lazy: optional (hf:// sources only), and slow to import
     except ImportError as e:
         raise ImportError("pip install datasets to load from the Hugging Face hub") from e
     repo = repo_id(src.path)

@@ -25,7 +25,7 @@ from typing import Any, Literal, Optional, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline.serving.config import LimitsConfig
+from pipeline.serving.config import LimitsConfig, ServeSamplingConfig
 
 DATASETS = ("gsm8k", "drop", "bamboogle", "generic")
 _M = TypeVar("_M", bound=BaseModel)
@@ -227,15 +227,15 @@ class ChatRequest(BaseModel):
         if self.tools:
             raise APIError(400, "tools are not supported", param="tools", code="unsupported")
 
-    def sampling(self, defaults: dict[str, Any]) -> dict[str, Any]:
+    def sampling(self, defaults: ServeSamplingConfig) -> dict[str, Any]:
         """SamplingParams fields: request values over the served model's defaults."""
-        max_tokens = self.max_completion_tokens or self.max_tokens or defaults["max_tokens"]
+        max_tokens = self.max_completion_tokens or self.max_tokens or defaults.max_tokens
         return {
-            "temperature": defaults["temperature"] if self.temperature is None else self.temperature,
-            "top_p": defaults["top_p"] if self.top_p is None else self.top_p,
+            "temperature": defaults.temperature if self.temperature is None else self.temperature,
+            "top_p": defaults.top_p if self.top_p is None else self.top_p,
             "max_tokens": max_tokens,
-            "seed": defaults["seed"] if self.seed is None else self.seed,
-            "stop": list(self.stop) if self.stop else list(defaults.get("stop") or []),
+            "seed": defaults.seed if self.seed is None else self.seed,
+            "stop": list(self.stop) if self.stop else list(defaults.stop),
         }
 
 

@@ -1,4 +1,4 @@
-"""Build, start and stop the Serve application.
+"""Build, start, run and stop the Serve application.
 
 * :func:`build_app` ``(cfg) -> Application``: ``Ingress(Decomposer, Solver)`` with the
   deployment options of the config.
@@ -7,33 +7,33 @@
   overrides: [...], <section>: {...}}``); used by ``serve run|deploy configs/serve_deploy.yaml``.
 * :func:`start` ``(cfg) -> base_url``: start Serve's HTTP proxy on ``cfg.http`` and run the
   app under ``cfg.app_name`` / ``cfg.route_prefix``, returning once ``/healthz`` answers.
+* :func:`run` ``(cfg) -> Manifest``: the serve job (``divconq serve``): :func:`start`, print the
+  URL and, with ``cfg.blocking``, serve until SIGINT/SIGTERM, then delete the app.
 * :func:`shutdown` ``(app_name=None)``: delete one app, or shut Serve down.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
+import signal
+import threading
 import time
-from typing import Any, Optional, Union
+from typing import Any, Optional
+
+import httpx
 
 from pipeline import storage
-from pipeline.config import ConfigError, apply_overrides, load_yaml
-from pipeline.serving.config import ServeConfig, project_root
+from pipeline.cluster import init_ray
+from pipeline.config import ConfigError, HFBackendConfig
+from pipeline.manifest import Manifest
+from pipeline.serving.config import ServeConfig, SolverBackendConfig, load_serve_config, project_root
 
 log = logging.getLogger("divconq.serve")
 
-__all__ = ["app_builder", "build_app", "load_serve_config", "shutdown", "start"]
+__all__ = ["app_builder", "build_app", "load_serve_config", "run", "shutdown", "start"]
 
-
-def _find_file(path: str) -> str:
-    """``path`` as given, else relative to the project root (``serve deploy`` runs builders
-    in a cluster process whose working directory is not the checkout)."""
-    if not storage.is_local(path) or os.path.isabs(path) or os.path.exists(path):
-        return path
-    alt = os.path.join(project_root(), path)
-    return alt if os.path.exists(alt) else path
+SHUTDOWN_TIMEOUT_S = 30
 
 
 def _resolve_model(path: str) -> str:
@@ -63,45 +63,19 @@ def check_local_models(cfg: ServeConfig) -> None:
                               f"or set {key}=<dir | hub name | s3://dir>)")
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _deep_merge(base[k], v)
-        else:
-            base[k] = copy.deepcopy(v)
-    return base
-
-
-def load_serve_config(path: Optional[str] = None, overrides: Union[list[str], dict[str, Any], None] = None,
-                      sections: Optional[dict[str, Any]] = None) -> ServeConfig:
-    """YAML file (optional) + nested ``sections`` merged in + dotted ``overrides``
-    (``["decomposer.model=x"]`` or ``{"decomposer.model": "x"}``), validated."""
-    data = load_yaml(_find_file(path)) if path else {}
-    if sections:
-        _deep_merge(data, sections)
-    if isinstance(overrides, dict):
-        for key, value in overrides.items():
-            node = data
-            parts = str(key).split(".")
-            for part in parts[:-1]:
-                node = node.setdefault(part, {})
-                if not isinstance(node, dict):
-                    raise ConfigError(f"override {key!r}: {part!r} is not a section")
-            node[parts[-1]] = value
-    elif overrides:
-        data = apply_overrides(data, list(overrides))
-    from pydantic import ValidationError
-
-    from pipeline.config import _format_validation_error
-
-    try:
-        return ServeConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, path or "<serve args>")) from None
+def _backend_configs(cfg: ServeConfig) -> tuple[HFBackendConfig, SolverBackendConfig]:
+    """The decomposer's and the solver's backend configs, local model dirs made absolute."""
+    dec_cfg = cfg.decomposer.backend_config()
+    dec_cfg = dec_cfg.model_copy(update={"model": _resolve_model(dec_cfg.model)})
+    sol_cfg = cfg.solver.backend_config()
+    if sol_cfg.type == "hf":
+        sol_cfg = sol_cfg.model_copy(update={"model": _resolve_model(sol_cfg.model)})
+    return dec_cfg, sol_cfg
 
 
 def build_app(cfg: ServeConfig, *, ingress_env: Optional[dict[str, str]] = None):
-    """The Serve application ``Ingress(Decomposer, Solver)`` described by ``cfg``.
+    """The Serve application ``Ingress(Decomposer, Solver)`` described by ``cfg``. The replicas get typed
+    config sections; the ingress gets ``cfg`` itself (it holds env-var *names*, never secrets).
 
     ``ingress_env``: environment variables for the ingress replica only, via its
     ``runtime_env``. Meant for tests and local experiments (e.g. to hand the ingress an
@@ -109,15 +83,12 @@ def build_app(cfg: ServeConfig, *, ingress_env: Optional[dict[str, str]] = None)
     here is stored in Serve's deployment config. In production leave it None and set the
     ``auth_token_env`` variable in the nodes' environment instead.
     """
+    # lazy: importing the deployments imports ray.serve (~2 s); validating a serve config must not pay it
     from pipeline.serving.deployments import Decomposer, Ingress, Solver
 
-    dec_cfg = cfg.decomposer.backend_config()
-    dec_cfg = dec_cfg.model_copy(update={"model": _resolve_model(dec_cfg.model)})
-    sol_cfg = cfg.solver.backend_config()
-    if sol_cfg.type == "hf":
-        sol_cfg = sol_cfg.model_copy(update={"model": _resolve_model(sol_cfg.model)})
-
+    dec_cfg, sol_cfg = _backend_configs(cfg)
     if cfg.decomposer.engine == "vllm":  # GPU: Ray Serve LLM's vLLM server behind the Decomposer interface
+        # lazy: ray.serve.llm needs vLLM, which only GPU nodes have
         from pipeline.serving.llm_deployment import VLLMDecomposer, build_llm_server
 
         dec = cfg.decomposer.model_copy(update={"model": dec_cfg.model})
@@ -125,27 +96,15 @@ def build_app(cfg: ServeConfig, *, ingress_env: Optional[dict[str, str]] = None)
                                             ray_actor_options={"num_cpus": 0.1}).bind(build_llm_server(dec), dec.served_name)
     else:
         decomposer = Decomposer.options(**cfg.decomposer.deployment_options()).bind(
-            dec_cfg.model_dump(), cfg.decomposer.max_batch_size, cfg.decomposer.batch_wait_timeout_s)
+            dec_cfg, cfg.decomposer.max_batch_size, cfg.decomposer.batch_wait_timeout_s)
     solver = Solver.options(**cfg.solver.deployment_options()).bind(
-        sol_cfg.model_dump(), cfg.solver.max_batch_size, cfg.solver.batch_wait_timeout_s)
-
-    settings = {
-        "served_name": cfg.decomposer.served_name,
-        "solver_name": cfg.solver.backend.model,
-        "decomposer_sampling": cfg.decomposer.sampling.model_dump(),
-        "solver_sampling": cfg.solver.sampling.model_dump(),
-        "decomposer_few_shot": cfg.decomposer.few_shot,
-        "solver_few_shot": cfg.solver.few_shot,
-        "max_subquestions": cfg.decomposer.max_subquestions,
-        "limits": cfg.limits.model_dump(),
-        "auth_token_env": cfg.auth_token_env,  # the variable's *name*; the value is read in the replica
-    }
+        sol_cfg, cfg.solver.max_batch_size, cfg.solver.batch_wait_timeout_s)
     actor_opts = cfg.ingress.ray_actor_options.to_ray()
     if ingress_env:
         actor_opts["runtime_env"] = {"env_vars": dict(ingress_env)}
     ingress = Ingress.options(num_replicas=cfg.ingress.num_replicas, max_ongoing_requests=cfg.ingress.max_ongoing_requests,
                               ray_actor_options=actor_opts)
-    return ingress.bind(decomposer, solver, settings)
+    return ingress.bind(decomposer, solver, cfg)
 
 
 def app_builder(args: dict):
@@ -165,8 +124,6 @@ def app_builder(args: dict):
 
 
 def _wait_healthy(url: str, timeout_s: float) -> None:
-    import httpx
-
     deadline = time.monotonic() + timeout_s
     last: Any = None
     while time.monotonic() < deadline:
@@ -188,9 +145,7 @@ def start(cfg: ServeConfig, *, ingress_env: Optional[dict[str, str]] = None, rea
     Serve's HTTP options are cluster-wide and fixed when Serve first starts: a second app
     shares the first one's host and port.
     """
-    from ray import serve
-
-    from pipeline.jobs import init_ray
+    from ray import serve  # lazy: ~2 s to import; validating a serve config must not pay it
 
     if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):  # local Ray: paths are this machine's
         check_local_models(cfg)
@@ -205,9 +160,53 @@ def start(cfg: ServeConfig, *, ingress_env: Optional[dict[str, str]] = None, rea
 
 def shutdown(app_name: Optional[str] = None) -> None:
     """Delete the app ``app_name``; with no name, shut Serve down (all apps, proxies, controller)."""
-    from ray import serve
+    from ray import serve  # lazy: ~2 s to import; validating a serve config must not pay it
 
     if app_name:
         serve.delete(app_name)
     else:
         serve.shutdown()
+
+
+def _quiet_shutdown(app_name: str) -> None:
+    try:
+        shutdown(app_name)
+        log.info("app %r deleted", app_name)
+    except Exception as e:  # pragma: no cover - Ray already gone
+        log.warning("could not delete app %r: %s", app_name, e)
+
+
+def serve_until_signal(app_name: str) -> None:
+    """Block until SIGINT or SIGTERM (main thread only), then delete the app, never hanging on exit
+    (e.g. when Ray itself got the signal too)."""
+    stop = threading.Event()
+
+    def _on_signal(signum, _frame) -> None:
+        log.info("signal %d: shutting down", signum)
+        stop.set()
+
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        done = threading.Thread(target=_quiet_shutdown, args=(app_name,), daemon=True)
+        done.start()
+        done.join(SHUTDOWN_TIMEOUT_S)
+        if done.is_alive():
+            log.warning("app %r not confirmed deleted after %ds; exiting anyway", app_name, SHUTDOWN_TIMEOUT_S)
+
+
+def run(cfg: ServeConfig) -> Manifest:
+    """The serve job: start the app and print its URL; with ``cfg.blocking`` (the default) serve in the
+    foreground until SIGINT/SIGTERM, then delete the app. With ``blocking=false`` it returns once the
+    app is up: use that with a cluster, because a local Ray started by this process ends with it."""
+    started = time.time()
+    base = start(cfg)
+    print(f"divconq serve: {cfg.decomposer.served_name} at {base}  (OpenAI base_url: {base}/v1)", flush=True)
+    if cfg.blocking:
+        serve_until_signal(cfg.app_name)
+    return Manifest.of("serve", cfg, inputs={"decomposer": cfg.decomposer.model, "solver": cfg.solver.backend.model},
+                       counts={}, started_at=started, extra={"base_url": base})

@@ -23,11 +23,11 @@ never fill); ``ray_actor_options`` ({num_cpus, num_gpus, resources}).
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Mapping, Optional, Union
 
 from pydantic import Field, model_validator
 
-from pipeline.config import HFBackendConfig, OpenAIBackendConfig, RayConfig, Strict
+from pipeline.config import HFBackendConfig, OpenAIBackendConfig, Overrides, RayConfig, Strict, load_config
 
 __all__ = [
     "ActorOptions",
@@ -40,6 +40,7 @@ __all__ = [
     "ServeSamplingConfig",
     "SolverBackendConfig",
     "SolverConfig",
+    "load_serve_config",
 ]
 
 
@@ -226,3 +227,20 @@ class ServeConfig(Strict):
 def project_root() -> str:
     """The directory holding ``pipeline/`` (the repository root for a source checkout)."""
     return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def find_config_file(path: str) -> str:
+    """``path`` as given, else relative to the project root (``serve deploy`` runs builders
+    in a cluster process whose working directory is not the checkout)."""
+    if "://" in path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    alt = os.path.join(project_root(), path)
+    return alt if os.path.exists(alt) else path
+
+
+def load_serve_config(path: Optional[str] = None, overrides: Overrides = None,
+                      sections: Optional[Mapping[str, Any]] = None) -> ServeConfig:
+    """:func:`pipeline.config.load_config` for a :class:`ServeConfig`, the file also looked up from the
+    project root: YAML file + nested ``sections`` + dotted ``overrides`` (``["decomposer.model=x"]`` or
+    ``{"decomposer.model": "x"}``), validated."""
+    return load_config(ServeConfig, find_config_file(path) if path else None, overrides, sections)

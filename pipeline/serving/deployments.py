@@ -27,12 +27,22 @@ import uuid
 from collections import Counter
 from typing import Any, Optional
 
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
 
+from pipeline.backends import make_backend
 from pipeline.backends.base import BackendUnavailable, SamplingParams
 from pipeline.backends.base import Request as BackendRequest
+from pipeline.backends.hf_local import render_prompt
+from pipeline.config import HFBackendConfig
+from pipeline.parsing import ParseError, parse_solver_output, parse_subquestions
+from pipeline.prompts import decomposer_messages, solver_messages
+from pipeline.serving import api
+from pipeline.serving.api import APIError
+from pipeline.serving.config import ServeConfig, SolverBackendConfig
 
 logger = logging.getLogger("ray.serve")
 
@@ -63,15 +73,9 @@ class _BatchedModel:
 
     role = "model"
 
-    def _setup(self, backend_config: dict[str, Any], max_batch_size: int, batch_wait_timeout_s: float) -> None:
-        from pydantic import TypeAdapter
-
-        from pipeline.backends import make_backend
-        from pipeline.serving.config import SolverBackendConfig
-
-        cfg = TypeAdapter(SolverBackendConfig).validate_python(backend_config)
-        self.backend = make_backend(cfg)
-        self.backend_type = cfg.type
+    def _setup(self, backend_config: SolverBackendConfig, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        self.backend = make_backend(backend_config)
+        self.backend_type = backend_config.type
         self.model_name = self.backend.name
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
@@ -140,8 +144,6 @@ class _BatchedModel:
         tokenizer = getattr(self.backend, "tokenizer", None)
         if tokenizer is None:
             return None
-        from pipeline.backends.hf_local import render_prompt
-
         limit = int(getattr(self.backend, "max_input_tokens", 0) or 0)
         mcfg = getattr(getattr(self.backend, "model", None), "config", None)
         max_pos = getattr(mcfg, "max_position_embeddings", None) or getattr(mcfg, "n_positions", None)
@@ -193,9 +195,9 @@ class Decomposer(_BatchedModel):
 
     role = "decomposer"
 
-    def __init__(self, backend_config: dict[str, Any], max_batch_size: int = _DEFAULT_BATCH,
+    def __init__(self, backend_config: HFBackendConfig, max_batch_size: int = _DEFAULT_BATCH,
                  batch_wait_timeout_s: float = _DEFAULT_WAIT_S) -> None:
-        if backend_config.get("type") != "hf":
+        if backend_config.type != "hf":
             raise ValueError("the served decomposer uses the hf backend")
         self._setup(backend_config, max_batch_size, batch_wait_timeout_s)
 
@@ -210,7 +212,7 @@ class Solver(_BatchedModel):
 
     role = "solver"
 
-    def __init__(self, backend_config: dict[str, Any], max_batch_size: int = _DEFAULT_BATCH,
+    def __init__(self, backend_config: SolverBackendConfig, max_batch_size: int = _DEFAULT_BATCH,
                  batch_wait_timeout_s: float = _DEFAULT_WAIT_S) -> None:
         self._setup(backend_config, max_batch_size, batch_wait_timeout_s)
 
@@ -243,27 +245,25 @@ class _Token:
 class Ingress:
     """HTTP front door: validates requests, calls Decomposer then Solver, shapes responses.
 
-    ``settings`` (built by :func:`pipeline.serving.app.build_app`) holds no secrets. The
+    ``cfg`` (the app's :class:`~pipeline.serving.config.ServeConfig`) holds no secrets. The
     auth token is read here, in the ingress replica's own process, from the environment
-    variable *named* by ``settings["auth_token_env"]``: in production that variable is
+    variable *named* by ``cfg.auth_token_env``: in production that variable is
     set on the nodes (the environment ``ray start`` runs in, e.g. from the cluster
     launcher or the instance's secret store), so the value never enters Serve's config,
     the deployment's init args, or its logs.
     """
 
-    def __init__(self, decomposer: Any, solver: Any, settings: dict[str, Any]) -> None:
-        from pipeline.serving.config import LimitsConfig
-
+    def __init__(self, decomposer: Any, solver: Any, cfg: ServeConfig) -> None:
         self.decomposer = decomposer
         self.solver = solver
-        self.settings = settings
-        self.limits = LimitsConfig.model_validate(settings["limits"])
-        self.served_name: str = settings["served_name"]
+        self.cfg = cfg
+        self.limits = cfg.limits
+        self.served_name: str = cfg.decomposer.served_name
         self._created = int(time.time())
         self._pid = os.getpid()
         self._status: Counter = Counter()
         self._token: Optional[_Token] = None
-        var = settings.get("auth_token_env")
+        var = cfg.auth_token_env
         if var:
             value = os.environ.get(var)
             if value:
@@ -291,8 +291,6 @@ class Ingress:
 
     async def call_model(self, stage: str, messages: list[dict[str, str]], params: dict[str, Any],
                          param: Optional[str] = None) -> dict[str, Any]:
-        from pipeline.serving.api import APIError
-
         handle = self.decomposer if stage == "decomposer" else self.solver
         try:
             out = await handle.generate.remote(messages, params)
@@ -322,27 +320,18 @@ def _sse(obj: Any) -> str:
     return "data: " + (obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))) + "\n\n"
 
 
-def create_api(svc: Ingress):
-    """The FastAPI app of one ingress replica (routes close over ``svc``)."""
-    from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+def _error_response(e: APIError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
-    from pipeline.parsing import ParseError, parse_solver_output, parse_subquestions
-    from pipeline.prompts import decomposer_messages, solver_messages
-    from pipeline.serving import api
 
-    s = svc.settings
-    limits = svc.limits
-    app = FastAPI(title="divconq", docs_url=None, redoc_url=None, openapi_url=None)
+def _add_error_handling(app: FastAPI, svc: Ingress) -> None:
+    """One error shape for every failure, bearer-token auth on every route but /healthz, and a 500
+    (the replica keeps serving) for a bug in a route; counts responses by status."""
 
-    def err(e: api.APIError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-        return JSONResponse(e.body(), status_code=e.status, headers=headers)
-
-    @app.exception_handler(api.APIError)
-    async def _api_error(_: HTTPRequest, e: api.APIError) -> JSONResponse:
-        return err(e)
+    @app.exception_handler(APIError)
+    async def _api_error(_: HTTPRequest, e: APIError) -> JSONResponse:
+        return _error_response(e)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: HTTPRequest, e: StarletteHTTPException) -> JSONResponse:
@@ -361,16 +350,92 @@ def create_api(svc: Ingress):
         if root and path.startswith(root):
             path = path[len(root):] or "/"
         if path != "/healthz" and not svc.authorized(request.headers.get("authorization")):
-            response = err(api.APIError(401, "missing or invalid bearer token (send 'Authorization: Bearer <token>')",
-                                        "authentication_error", code="invalid_api_key"))
+            response = _error_response(APIError(401, "missing or invalid bearer token (send 'Authorization: Bearer <token>')",
+                                                "authentication_error", code="invalid_api_key"))
         else:
             try:
                 response = await call_next(request)
             except Exception as e:  # a bug in a route: answer 500 and keep serving
                 logger.exception("unhandled error on %s %s", request.method, path)
-                response = err(api.APIError(500, f"internal error: {type(e).__name__}", "server_error"))
+                response = _error_response(APIError(500, f"internal error: {type(e).__name__}", "server_error"))
         svc._status[response.status_code] += 1
         return response
+
+
+def _chat_stream(svc: Ingress, req: api.ChatRequest, out: dict[str, Any], cid: str, created: int,
+                 usage: api.ChatUsage) -> StreamingResponse:
+    """The finished text as OpenAI-style SSE chunks (it is generated in one piece)."""
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def chunk(delta: dict[str, Any], finish: Optional[str]) -> dict[str, Any]:
+        c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": svc.served_name,
+             "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+        if include_usage:
+            c["usage"] = None
+        return c
+
+    async def events():
+        yield _sse(chunk({"role": "assistant", "content": ""}, None))
+        if out["text"]:
+            yield _sse(chunk({"content": out["text"]}, None))
+        yield _sse(chunk({}, out["finish_reason"]))
+        if include_usage:
+            yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": svc.served_name,
+                        "choices": [], "usage": usage.model_dump()})
+        yield _sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _chat(svc: Ingress, request: HTTPRequest):
+    """POST /v1/chat/completions: the decomposer model, OpenAI-style."""
+    req = api.parse_body(api.ChatRequest, await request.body(), svc.limits)
+    req.check(svc.limits, (svc.served_name,))
+    params = req.sampling(svc.cfg.decomposer.sampling)
+    out = await svc.call_model("decomposer", [m.to_backend() for m in req.messages], params, "messages")
+    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    usage = api.ChatUsage(prompt_tokens=out["prompt_tokens"], completion_tokens=out["completion_tokens"],
+                          total_tokens=out["prompt_tokens"] + out["completion_tokens"])
+    if req.stream:
+        return _chat_stream(svc, req, out, cid, created, usage)
+    return api.ChatCompletionResponse(
+        id=cid, created=created, model=svc.served_name, usage=usage,
+        choices=[api.ChatChoice(message=api.ChatChoiceMessage(content=out["text"]), finish_reason=out["finish_reason"])],
+    ).model_dump()
+
+
+async def _solve(svc: Ingress, request: HTTPRequest) -> dict[str, Any]:
+    """POST /v1/solve: the decomposer's subquestions, then the solver's answers."""
+    started = time.perf_counter()
+    dec_cfg, sol_cfg = svc.cfg.decomposer, svc.cfg.solver
+    req = api.parse_body(api.SolveRequest, await request.body(), svc.limits)
+    req.check(svc.limits)
+    row = req.row()
+    param = "context" if req.context else "question"
+    dec = await svc.call_model("decomposer", decomposer_messages(row, few_shot=dec_cfg.few_shot),
+                               dec_cfg.sampling.model_dump(), param)
+    try:
+        subqs, parsed = parse_subquestions(dec["text"], dec_cfg.max_subquestions), True
+    except ParseError:
+        subqs, parsed = [], False  # unparseable: treated as "No decomposition"; the solver answers directly
+    sol = await svc.call_model("solver", solver_messages(row, subqs, few_shot=sol_cfg.few_shot),
+                               sol_cfg.sampling.model_dump(), param)
+    subanswers, answer = parse_solver_output(sol["text"])
+    return api.SolveResponse(
+        subquestions=subqs, subanswers=subanswers, answer=answer, decomposition_parsed=parsed,
+        decomposer_text=dec["text"], solver_text=sol["text"],
+        usage=api.SolveUsage(
+            decomposer=api.StageUsage(prompt_tokens=dec["prompt_tokens"], completion_tokens=dec["completion_tokens"]),
+            solver=api.StageUsage(prompt_tokens=sol["prompt_tokens"], completion_tokens=sol["completion_tokens"])),
+        models={"decomposer": svc.served_name, "solver": sol_cfg.backend.model},
+        latency_s=round(time.perf_counter() - started, 4),
+    ).model_dump()
+
+
+def create_api(svc: Ingress) -> FastAPI:
+    """The FastAPI app of one ingress replica (routes close over ``svc``)."""
+    app = FastAPI(title="divconq", docs_url=None, redoc_url=None, openapi_url=None)
+    _add_error_handling(app, svc)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -386,65 +451,10 @@ def create_api(svc: Ingress):
 
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest):
-        req = api.parse_body(api.ChatRequest, await request.body(), limits)
-        req.check(limits, (svc.served_name,))
-        params = req.sampling(s["decomposer_sampling"])
-        out = await svc.call_model("decomposer", [m.to_backend() for m in req.messages], params, "messages")
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        usage = api.ChatUsage(prompt_tokens=out["prompt_tokens"], completion_tokens=out["completion_tokens"],
-                              total_tokens=out["prompt_tokens"] + out["completion_tokens"])
-        if not req.stream:
-            return api.ChatCompletionResponse(
-                id=cid, created=created, model=svc.served_name, usage=usage,
-                choices=[api.ChatChoice(message=api.ChatChoiceMessage(content=out["text"]),
-                                        finish_reason=out["finish_reason"])],
-            ).model_dump()
-
-        # Streaming: the text is generated in one piece, then sent as OpenAI-style SSE chunks.
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        def chunk(delta: dict[str, Any], finish: Optional[str]) -> dict[str, Any]:
-            c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": svc.served_name,
-                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-            if include_usage:
-                c["usage"] = None
-            return c
-
-        async def events():
-            yield _sse(chunk({"role": "assistant", "content": ""}, None))
-            if out["text"]:
-                yield _sse(chunk({"content": out["text"]}, None))
-            yield _sse(chunk({}, out["finish_reason"]))
-            if include_usage:
-                yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": svc.served_name,
-                            "choices": [], "usage": usage.model_dump()})
-            yield _sse("[DONE]")
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await _chat(svc, request)
 
     @app.post("/v1/solve")
     async def solve(request: HTTPRequest) -> dict[str, Any]:
-        started = time.perf_counter()
-        req = api.parse_body(api.SolveRequest, await request.body(), limits)
-        req.check(limits)
-        row = req.row()
-        dec = await svc.call_model("decomposer", decomposer_messages(row, few_shot=s["decomposer_few_shot"]),
-                                   s["decomposer_sampling"], "context" if req.context else "question")
-        try:
-            subqs, parsed = parse_subquestions(dec["text"], s["max_subquestions"]), True
-        except ParseError:
-            subqs, parsed = [], False  # unparseable: treated as "No decomposition"; the solver answers directly
-        sol = await svc.call_model("solver", solver_messages(row, subqs, few_shot=s["solver_few_shot"]),
-                                   s["solver_sampling"], "context" if req.context else "question")
-        subanswers, answer = parse_solver_output(sol["text"])
-        return api.SolveResponse(
-            subquestions=subqs, subanswers=subanswers, answer=answer, decomposition_parsed=parsed,
-            decomposer_text=dec["text"], solver_text=sol["text"],
-            usage=api.SolveUsage(
-                decomposer=api.StageUsage(prompt_tokens=dec["prompt_tokens"], completion_tokens=dec["completion_tokens"]),
-                solver=api.StageUsage(prompt_tokens=sol["prompt_tokens"], completion_tokens=sol["completion_tokens"])),
-            models={"decomposer": svc.served_name, "solver": s["solver_name"]},
-            latency_s=round(time.perf_counter() - started, 4),
-        ).model_dump()
+        return await _solve(svc, request)
 
     return app

@@ -21,6 +21,7 @@ from ray import serve
 
 def llm_config(dec) -> Any:
     """Ray Serve LLM's ``LLMConfig`` for a ``DecomposerConfig`` with ``engine: vllm``."""
+    # lazy: ray.llm's serve configs load the vLLM-facing modules; only engine: vllm needs them
     from ray.llm._internal.serve.core.configs.llm_config import LLMConfig  # the class ray.serve.llm exports
 
     if os.path.exists(os.path.join(dec.model, "adapter_config.json")):
@@ -41,7 +42,7 @@ def llm_config(dec) -> Any:
 def build_llm_server(dec):
     """The bound ``LLMServer`` deployment; a clear error where ray.serve.llm cannot load (no vLLM)."""
     try:
-        from ray.serve.llm import build_llm_deployment
+        from ray.serve.llm import build_llm_deployment  # lazy: needs vLLM, which only GPU nodes have
     except ImportError as e:
         raise RuntimeError(f"decomposer.engine=vllm needs Ray Serve LLM with vLLM on the serving nodes "
                            f"(pip install 'divconq[gpu]'): {e}") from None
@@ -62,6 +63,7 @@ class VLLMDecomposer:
         self._started_at = time.time()
 
     async def generate(self, messages: list[dict[str, str]], params: dict[str, Any]) -> dict[str, Any]:
+        # lazy: as in llm_config (vLLM-facing modules, GPU nodes only)
         from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest
 
         self._counts["requests"] += 1
