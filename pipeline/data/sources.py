@@ -24,6 +24,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Literal, Optional
 
+import pyarrow.parquet as pq
 from pydantic import Field, field_validator, model_validator
 
 from pipeline import storage
@@ -280,8 +281,6 @@ def iter_csv(path: str) -> Iterator[Record]:
 
 
 def iter_parquet(path: str, batch_size: int = 1024) -> Iterator[Record]:
-    import pyarrow.parquet as pq
-
     with storage.open_input(path) as f:
         pf = pq.ParquetFile(f)
         pos = 0
