@@ -222,11 +222,11 @@ def write_plots(results: dict[str, Any], out: str) -> list[str]:
             ax.set_xticklabels([_wrap(label) for label in labels], fontsize=7)
         fig.tight_layout()
         name = f"{kind}.png"
-        local = os.path.join(out, name) if not storage.is_s3(out) else os.path.join("/tmp", f"divconq-{os.getpid()}-{name}")
+        local = os.path.join(storage.localize(out), name) if storage.is_local(out) else os.path.join("/tmp", f"divconq-{os.getpid()}-{name}")
         os.makedirs(os.path.dirname(local), exist_ok=True)
         fig.savefig(local, dpi=110)
         plt.close(fig)
-        if storage.is_s3(out):
+        if not storage.is_local(out):
             with open(local, "rb") as f:
                 storage.write_bytes(storage.join(out, name), f.read())
         names.append(name)

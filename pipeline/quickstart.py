@@ -104,7 +104,7 @@ class Quickstart:
     def __init__(self, cfg: QuickstartConfig) -> None:
         self.cfg = cfg
         self.plan = Plan.of(cfg.small)
-        self.out = os.path.abspath(cfg.out) if not storage.is_s3(cfg.out) else cfg.out
+        self.out = storage.localize(cfg.out) if storage.is_local(cfg.out) else cfg.out
         self.shipped = Shipped.load()
         self.timings: dict[str, float] = {}
         self.test_input = {"path": self.p("prepare"), "datasets": ["gsm8k"], "splits": ["test"]}

@@ -410,11 +410,12 @@ def totals(layout: Layout, shards: list[str]) -> dict[str, Any]:
     agg: dict[str, float] = {}
     committed = 0
     for s in shards:
-        path = layout.done_file(s)
-        if not storage.exists(path):
+        try:
+            marker = storage.read_json(layout.done_file(s))  # one request per shard, not an exists() first
+        except FileNotFoundError:
             continue
         committed += 1
-        for k, v in storage.read_json(path).items():
+        for k, v in marker.items():
             if isinstance(v, (int, float)):
                 agg[k] = agg.get(k, 0) + v
     agg["shards"] = len(shards)

@@ -1,8 +1,9 @@
-"""Reading and writing Parquet row sets on local disk or S3."""
+"""Reading and writing Parquet row sets on any storage (:mod:`pipeline.storage`)."""
 
 from __future__ import annotations
 
 import io
+import json
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -10,6 +11,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.config import UsageError
 
 
 def dataset_path(uri: str) -> str:
@@ -30,15 +32,13 @@ def iter_rows(uri: str, columns: list[str] | None = None, batch_size: int = 1024
         if not storage.exists(path):
             raise FileNotFoundError(f"no such dataset: {uri}")
         return
-    fs, _ = storage.filesystem(path)
-    inner = [storage.filesystem(f)[1] for f in files]
+    fs, _ = storage.arrow_filesystem(path)
+    inner = [storage.inner_path(f) for f in files]
     try:
         ds = pads.dataset(inner, filesystem=fs, format="parquet")
         for batch in ds.to_batches(columns=columns, batch_size=batch_size):
             yield from batch.to_pylist()
     except pa.ArrowInvalid as e:  # a file that is not Parquet, or files that disagree: the input's fault
-        from pipeline.config import UsageError
-
         raise UsageError(f"cannot read the rows of {uri}: {e}") from e
 
 
@@ -52,7 +52,7 @@ def count_rows(uri: str) -> int:
 
 
 def write_rows(uri: str, rows: list[dict[str, Any]], schema: pa.Schema | None = None) -> None:
-    """Write one Parquet file (atomically on local disk; a single PUT on S3)."""
+    """Write one Parquet file (atomically: see :func:`pipeline.storage.write_bytes`)."""
     table = pa.Table.from_pylist(rows, schema=schema)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
@@ -60,6 +60,4 @@ def write_rows(uri: str, rows: list[dict[str, Any]], schema: pa.Schema | None = 
 
 
 def write_jsonl(uri: str, rows: list[dict[str, Any]]) -> None:
-    import json
-
     storage.write_text(uri, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))

@@ -21,7 +21,7 @@ from ray_jobs._shell import config_error, run_main, setup_logging
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     parser = argparse.ArgumentParser(prog="divconq quickstart", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/quickstart", help="output directory (local or s3://)")
+    parser.add_argument("--out", default="runs/quickstart", help="output directory (local path or storage URL: s3://, gs://...)")
     parser.add_argument("--small", action="store_true", help="a smaller, faster run (CI)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port for the served app (127.0.0.1)")
     args = parser.parse_args(argv)
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         report = run(cfg).report
         print(f"\nquickstart complete. Report: {report}\n")
-        print(storage.read_text(report) if not storage.is_s3(report) else "")
+        print(storage.read_text(report))
 
     return run_main(body)
 

@@ -71,7 +71,7 @@ def teacher():
 
 
 def files_under(root: str) -> set[str]:
-    fs, base = storage.filesystem(root)
+    fs, base = storage.arrow_filesystem(root)
     import pyarrow.fs as pafs
 
     infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))

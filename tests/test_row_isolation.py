@@ -10,8 +10,8 @@ import io
 import logging
 import os
 
-import pyarrow.fs as pafs
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import storage, tables
 from ray_jobs._shell import run_main
@@ -177,16 +177,14 @@ class _FailingRaw(io.RawIOBase):
         super().close()
 
 
-class _FailingFS:
+class _FailingFS(LocalFileSystem):
     """The local filesystem, except that reads of ``path`` fail after ``ok_bytes`` (a storage wrapper)."""
 
     def __init__(self, path: str, ok_bytes: int):
-        self.path, self.ok_bytes, self.local = path, ok_bytes, pafs.LocalFileSystem()
+        super().__init__()
+        self.path, self.ok_bytes = path, ok_bytes
 
-    def get_file_info(self, p):
-        return self.local.get_file_info(p)
-
-    def open_input_stream(self, p, compression=None):
+    def open(self, p, mode="rb", **kwargs):
         return io.BufferedReader(_FailingRaw(p, self.ok_bytes))
 
 

@@ -16,8 +16,7 @@ from ray_jobs.cli import JOBS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBRARY = ("pipeline", "training")
 MAX_FUNCTION_LINES = 80
-# Rewritten on other branches (storage on fsspec; the training recipe): their imports are theirs to place.
-LAZY_IMPORT_EXEMPT = ("pipeline/storage.py", "pipeline/tables.py", "pipeline/data/sources.py")
+LAZY_IMPORT_EXEMPT: tuple[str, ...] = ()
 
 
 def python_files(*roots: str):

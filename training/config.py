@@ -142,11 +142,11 @@ class TrainConfig(Strict):
     seed: int = 0
 
     def with_absolute_paths(self) -> "TrainConfig":
-        """Resolve local paths (workers may run in another cwd); s3:// paths are kept."""
-        import os
+        """Resolve local paths (workers may run in another cwd); storage URLs (s3://...) are kept."""
+        from pipeline import storage
 
         def fix(p: Optional[str]) -> Optional[str]:
-            return p if not p or p.startswith("s3://") else os.path.abspath(os.path.expanduser(p))
+            return p if not p or not storage.is_local(p) else storage.localize(p)
 
         data = self.data.model_copy(update={"train_path": fix(self.data.train_path), "validation_path": fix(self.data.validation_path)})
         output = self.output.model_copy(update={"dir": fix(self.output.dir), "checkpoint_dir": fix(self.output.checkpoint_dir)})

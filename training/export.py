@@ -114,7 +114,7 @@ def export_from_checkpoint(checkpoint, dest: str, merge_lora: bool = False, dtyp
             return write_hf_dir(lambda d: lora.merge_adapter(adapter, d, dtype=dtype), dest)
         finally:
             shutil.rmtree(adapter, ignore_errors=True)
-    dst_fs, dst_path = storage.filesystem(dest)
+    dst_fs, dst_path = storage.arrow_filesystem(dest)
     dst_fs.create_dir(dst_path, recursive=True)
     pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
     return dest
@@ -140,8 +140,8 @@ def export_deepspeed_checkpoint(checkpoint_dir: str, base_model_dir: str, dest: 
 
 
 def write_hf_dir(write, dest: str) -> str:
-    """Run ``write(local_dir)``; for s3:// destinations write to a temp dir and upload."""
-    if not storage.is_s3(dest):
+    """Run ``write(local_dir)``; for storage URLs (s3://...) write to a temp dir and upload."""
+    if storage.is_local(dest):
         write(storage.localize(dest))
         return dest
     tmp = tempfile.mkdtemp(prefix="divconq-export-")

@@ -24,11 +24,11 @@ log = logging.getLogger("divconq.train")
 
 
 def prepare_base_model(cfg: TrainConfig) -> str:
-    """The base model every worker loads: a hub name / dir / s3:// dir, or a tiny one built here
+    """The base model every worker loads: a hub name / dir / storage URL, or a tiny one built here
     (stored next to the checkpoints so that workers on any node, and resumed runs, use the same one)."""
     name = cfg.model.name_or_path
     if not cfg.model.build_tiny:
-        if storage.is_s3(name):
+        if not storage.is_local(name):
             return name
         if os.path.isdir(os.path.expanduser(name)):
             return os.path.abspath(os.path.expanduser(name))
@@ -73,7 +73,7 @@ def run(cfg: TrainConfig) -> Manifest:
     base_model = prepare_base_model(cfg)
     log.info("train: base model %s", base_model)
 
-    fs, storage_path = storage.filesystem(cfg.output.checkpoint_dir)
+    fs, storage_path = storage.arrow_filesystem(cfg.output.checkpoint_dir)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -91,7 +91,7 @@ def run(cfg: TrainConfig) -> Manifest:
         run_config=RunConfig(
             name=cfg.output.run_name,
             storage_path=storage_path,
-            storage_filesystem=fs if storage.is_s3(cfg.output.checkpoint_dir) else None,
+            storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.output.num_checkpoints_to_keep),
             failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
         ),

@@ -108,7 +108,7 @@ def adapter_base_name(model_cfg, staged_base: str) -> str:
     name = model_cfg.name_or_path
     from pipeline import storage
 
-    if not model_cfg.build_tiny and name and not storage.is_s3(name) and not os.path.isdir(os.path.expanduser(name)):
+    if not model_cfg.build_tiny and name and storage.is_local(name) and not os.path.isdir(os.path.expanduser(name)):
         return name
     return staged_base
 

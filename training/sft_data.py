@@ -39,7 +39,7 @@ def read_rows(path: str, columns: Sequence[str] = ("id", "messages")) -> list[di
 
     from pipeline import storage
 
-    fs, inner = storage.filesystem(path)
+    fs, inner = storage.arrow_filesystem(path)
     if not storage.exists(path):
         raise FileNotFoundError(f"training data not found: {path}")
     dataset = pads.dataset(inner, filesystem=fs, format="parquet", exclude_invalid_files=False)
@@ -63,7 +63,7 @@ def count_rows(path: Optional[str]) -> int:
 
     from pipeline import storage
 
-    fs, inner = storage.filesystem(path)
+    fs, inner = storage.arrow_filesystem(path)
     return pads.dataset(inner, filesystem=fs, format="parquet").count_rows()
 
 

@@ -59,7 +59,7 @@ def _checkpoint_from_uri(uri: str):
 
     from pipeline import storage
 
-    fs, path = storage.filesystem(uri)
+    fs, path = storage.arrow_filesystem(uri)
     return Checkpoint(path=path, filesystem=fs)
 
 

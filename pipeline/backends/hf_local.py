@@ -80,7 +80,7 @@ class HFBackend(Backend):
         from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: as torch
 
         self.name = model
-        path = storage.localize(model) if storage.is_s3(model) else model
+        path = model if storage.is_local(model) else storage.localize(model)  # a hub name is "local": no scheme
         self.device = pick_device(device)
         self.batch_size = batch_size
         self.max_input_tokens = max_input_tokens

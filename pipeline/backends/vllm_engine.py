@@ -126,9 +126,9 @@ class VLLMBackend(Backend):
     def __init__(self, cfg, **_: Any):
         self.cfg = cfg
         self.name = cfg.model
-        # s3:// dirs are fetched once here; engines on other nodes need the model at the same
+        # storage URLs (s3://...) are fetched once here; engines on other nodes need the model at the same
         # path (shared storage) or a hub name
-        self.model_source = storage.localize(cfg.model) if storage.is_s3(cfg.model) else cfg.model
+        self.model_source = cfg.model if storage.is_local(cfg.model) else storage.localize(cfg.model)
         self.processor_config = processor_config(cfg, self.model_source)  # validates every field now
 
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Completion]:

@@ -9,8 +9,8 @@ Locations are 1-based and human-oriented: ``line 17`` (JSONL, physical line, bla
 counted), ``row 3`` (CSV data row not counting the header, parquet row, JSON array item).
 Positions used for ids are 0-based (``line 17`` has position 16).
 
-Paths may be local, ``s3://`` (through :func:`pipeline.storage.filesystem`) or
-``hf://<repo_id>`` (see :mod:`pipeline.data.hub`). A ``.gz`` suffix is decompressed on
+Paths may be local or any storage URL (``s3://``, ``gs://``, ``az://``, ``hf://datasets/<owner>/<name>/<file>``,
+... through :mod:`pipeline.storage`), or ``hf://<owner>/<name>``: a hub dataset (see :mod:`pipeline.data.hub`). A ``.gz`` suffix is decompressed on
 the fly for JSONL, JSON and CSV.
 """
 
@@ -24,7 +24,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Literal, Optional
 
-import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from pydantic import Field, field_validator, model_validator
 
 from pipeline import datasets, storage
@@ -49,7 +49,8 @@ class SourceConfig(Strict):
     """One input file (or hub dataset) and how to read it."""
 
     dataset: str = Field(..., description="A registered dataset (pipeline/datasets.py): gsm8k, drop, bamboogle, generic, ...")
-    path: str = Field(..., description="Local path, s3:// URI, or hf://<repo_id> for the Hugging Face hub.")
+    path: str = Field(..., description="Local path or storage URL (s3://, gs://, az://, hf://datasets/<owner>/<name>/<file>...) "
+                      "of a file, or hf://<owner>/<name> for a Hugging Face hub dataset.")
     split: str = Field("test", description="Split name used in ids (<dataset>:<split>:<source id>).")
     format: Literal["auto", "jsonl", "json", "csv", "parquet"] = Field(
         "auto", description="auto: by extension (.jsonl/.json/.csv/.parquet, optionally .gz)."
@@ -91,7 +92,9 @@ class SourceConfig(Strict):
 
     @property
     def is_hub(self) -> bool:
-        return self.path.startswith(HUB_PREFIX)
+        """``hf://<owner>/<name>`` is a hub dataset (read with ``datasets``); a longer ``hf://`` path is a
+        file in a hub repository, read like any other storage URL."""
+        return self.path.startswith(HUB_PREFIX) and self.path[len(HUB_PREFIX):].strip("/").count("/") <= 1
 
 
 # ------------------------------------------------------------------ files and formats
@@ -113,21 +116,17 @@ def resolve_format(src: SourceConfig) -> str:
 
 def check_file(path: str) -> None:
     """Raise FileNotFoundError (naming ``path``) unless it is an existing file."""
-    fs, inner = storage.filesystem(path)
-    info = fs.get_file_info(inner)
-    if info.type == pafs.FileType.NotFound:
+    if not storage.exists(path):
         raise FileNotFoundError(f"source file not found: {path}")
-    if info.type == pafs.FileType.Directory:
+    if storage.is_dir(path):
         raise UsageError(f"source path {path!r} is a directory; point it at a file")
 
 
 def _open_text(path: str, newline: Optional[str] = "\n") -> io.TextIOWrapper:
-    """A text stream of ``path``; ``.gz`` is inflated by Python's gzip (not pyarrow's codec) so that a
-    damaged file (:data:`FILE_DAMAGE`) can be told apart from an I/O error, which pyarrow reports as
-    the same OSError."""
-    fs, inner = storage.filesystem(path)
-    raw = fs.open_input_stream(inner, compression=None)
-    return io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if inner.endswith(".gz") else raw, encoding="utf-8", newline=newline)
+    """A text stream of ``path``; ``.gz`` is inflated by Python's gzip (not a storage-level codec) so that a
+    damaged file (:data:`FILE_DAMAGE`) can be told apart from an I/O error (an OSError of the storage)."""
+    raw = storage.open_input(path)
+    return io.TextIOWrapper(gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw, encoding="utf-8", newline=newline)
 
 
 # A file whose bytes are damaged (not gzip, cut short, not UTF-8): its rows are quarantined, the job goes on.
@@ -287,10 +286,7 @@ def iter_csv(path: str) -> Iterator[Record]:
 
 
 def iter_parquet(path: str, batch_size: int = 1024) -> Iterator[Record]:
-    import pyarrow.parquet as pq
-
-    fs, inner = storage.filesystem(path)
-    with fs.open_input_file(inner) as f:
+    with storage.open_input(path) as f:
         pf = pq.ParquetFile(f)
         pos = 0
         for batch in pf.iter_batches(batch_size=batch_size):

@@ -39,8 +39,8 @@ SHUTDOWN_TIMEOUT_S = 30
 
 def _resolve_model(path: str) -> str:
     """Relative local model dirs become absolute (replicas may run in another directory);
-    hub names and s3:// paths are left alone."""
-    if storage.is_s3(path) or os.path.isabs(path):
+    hub names and storage URLs (s3://...) are left alone."""
+    if not storage.is_local(path) or os.path.isabs(path):
         return path
     for base in (os.getcwd(), project_root()):
         cand = os.path.join(base, path)
@@ -51,12 +51,12 @@ def _resolve_model(path: str) -> str:
 
 def check_local_models(cfg: ServeConfig) -> None:
     """Fail fast, naming the key, when an hf model given as a local path does not exist
-    (instead of replicas failing to start). Hub names (``org/name``) and s3:// are not checked."""
+    (instead of replicas failing to start). Hub names (``org/name``) and storage URLs are not checked."""
     models = [("decomposer.model", cfg.decomposer.model)]
     if cfg.solver.backend.type == "hf":
         models.append(("solver.backend.model", cfg.solver.backend.model))
     for key, path in models:
-        if storage.is_s3(path):
+        if not storage.is_local(path):
             continue
         looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") >= 2 or "\\" in path
         if looks_local and not os.path.isdir(_resolve_model(path)):
