@@ -374,3 +374,20 @@ def openai_teacher(base_url: str, **extra: Any) -> str:
 if __name__ == "__main__" and len(sys.argv) >= 3:
     if sys.argv[1] == "serve":
         _serve(sys.argv[2])
+
+
+def kill_after_shards(args: list[str], out: str, srv: Any, shards: int) -> None:
+    """Run the job ``args`` (a ``python -m ray_jobs.<job>`` command line) and kill it at a known point: when
+    ``shards`` shards of ``out`` are committed and the next shard's requests are held by ``srv`` (an OpenAI stub
+    server whose ``hold_after_requests`` the caller set to that many shards' requests). Then wait until the
+    killed job's actor has gone (its held requests end when its connections close). Nothing is timed."""
+    n_done = lambda: len(committed(out))  # noqa: E731
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (n_done() >= shards and srv.counters()["held"] > 0) or proc.poll() is not None, 180,
+                 f"{shards} committed shards and the next shard's requests held")
+        assert proc.poll() is None, f"the job ended (rc {proc.returncode}) before the kill"
+    finally:
+        proc.kill()
+        proc.wait()
+    wait_for(lambda: srv.counters()["held"] == 0, 120, "the killed job's actor to go away")

@@ -4,14 +4,14 @@ S3 in and out, and a job killed midway then resumed (nothing lost, nothing dupli
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+
 import pytest
 
 from pipeline import storage, tables
 from pipeline.manifest import read_manifest
 from ray_jobs import generate, prepare
-from tests.cluster_harness import wait_for
+from tests.cluster_harness import kill_after_shards
 from tests.conftest import REPO
 from tests.servers.openai_stub import OpenAIStubServer
 
@@ -125,19 +125,9 @@ def test_killed_job_resumes_without_loss_or_duplicates(ray_session, prepared_sam
     with OpenAIStubServer(latency_s=0.05, seed=2) as srv:
         srv.hold_after_requests, srv.hold_timeout_s = 12, 600
         teacher = "teacher={type: openai, model: stub, base_url: '" + srv.base_url + "', api_key_env: null, concurrency: 2, timeout_s: 600}"
-        args = [sys.executable, "-m", "ray_jobs.generate", "--config", CONFIG, f"ray.address={address}",
-                f"input.path={prepared_samples}", f"output.dir={out}", "input.limit=48", "output.shard_size=4", "sampling.n=1",
-                "pool.max_actors=1", teacher]
-        proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_for(lambda: (n_done() >= 3 and srv.counters()["held"] > 0) or proc.poll() is not None, 180,
-                     "3 committed shards and the 4th shard's requests held")
-            assert proc.poll() is None, f"the job ended (rc {proc.returncode}) before the kill"
-        finally:
-            proc.kill()
-            proc.wait()
-        # the killed job's actor dies with it; its held requests end when its connections close
-        wait_for(lambda: srv.counters()["held"] == 0, 120, "the killed job's actor to go away")
+        kill_after_shards([sys.executable, "-m", "ray_jobs.generate", "--config", CONFIG, f"ray.address={address}",
+                           f"input.path={prepared_samples}", f"output.dir={out}", "input.limit=48", "output.shard_size=4",
+                           "sampling.n=1", "pool.max_actors=1", teacher], out, srv, shards=3)
         assert n_done() == 3
         first_run_requests = srv.counters()["requests"]
         srv.hold_after_requests = None

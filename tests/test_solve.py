@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import subprocess
 import sys
 
 import pytest
@@ -17,7 +16,7 @@ from pipeline.metrics import score
 from pipeline.prompts import solver_messages
 from pipeline.solving import SOLVE_FIELDS, SOLVE_SCHEMA
 from ray_jobs import generate, solve
-from tests.cluster_harness import wait_for
+from tests.cluster_harness import kill_after_shards
 from tests.conftest import REPO
 from tests.servers.openai_stub import OpenAIStubServer, StubHTTPError
 
@@ -217,16 +216,8 @@ def test_killed_solve_resumes_without_loss_or_duplicates(ray_session, generated,
         srv.hold_after_requests, srv.hold_timeout_s = 12, 600
         common = [f"ray.address={address}", f"input.path={generated}", f"output.dir={out}", "output.shard_size=4",
                   solver.replace("URL", srv.base_url)]
-        proc = subprocess.Popen([sys.executable, "-m", "ray_jobs.solve", "--config", CONFIG, *common, "pool.max_actors=1"],
-                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            wait_for(lambda: (len(done_markers()) >= 3 and srv.counters()["held"] > 0) or proc.poll() is not None, 180,
-                     "3 committed shards and the 4th shard's requests held")
-            assert proc.poll() is None, f"the job ended (rc {proc.returncode}) before the kill"
-        finally:
-            proc.kill()
-            proc.wait()
-        wait_for(lambda: srv.counters()["held"] == 0, 120, "the killed job's actor to go away")
+        kill_after_shards([sys.executable, "-m", "ray_jobs.solve", "--config", CONFIG, *common, "pool.max_actors=1"], out, srv,
+                          shards=3)
         markers = done_markers()
         assert len(markers) == 3
         srv.hold_after_requests = None
