@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import yaml
 

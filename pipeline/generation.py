@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import pyarrow as pa
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from pipeline.backends import BackendConfig, SamplingParams, make_backend
 from pipeline.backends.openai_batch import chunk_size
 from pipeline.cost import ledger_usage
 from pipeline.job_config import ShardedJobConfig
 from pipeline.manifest import Manifest
-from pipeline.method import MethodConfig, Usage, decompose_call, legacy_method_keys, requests_of
+from pipeline.method import MethodConfig, Usage, decompose_call, requests_of
 from pipeline.parsing import ParseError
 from pipeline.prompts import PROMPT_VERSION
 from pipeline.schema import QUESTION_SCHEMA
@@ -68,11 +68,8 @@ class GenerateConfig(ShardedJobConfig):
     fingerprint_fields: ClassVar[tuple[str, ...]] = ("input", "teacher", "sampling", "method.decomposer_few_shot",
                                                      "method.max_subquestions")
     backend_fields: ClassVar[tuple[str, ...]] = ("teacher",)
+    legacy_method_keys: ClassVar[dict[str, str]] = {"few_shot": "decomposer_few_shot", "max_subquestions": "max_subquestions"}
 
-    @model_validator(mode="before")
-    @classmethod
-    def _legacy_keys(cls, data: Any) -> Any:
-        return legacy_method_keys(data, {"few_shot": "decomposer_few_shot", "max_subquestions": "max_subquestions"})
 
 
 def expand_samples(rows, n: int):

@@ -22,7 +22,7 @@ import time
 from typing import Any, ClassVar, Optional
 
 import pyarrow as pa
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from pipeline import method, prompts
 from pipeline.backends import BackendConfig, SamplingParams, make_backend
@@ -32,7 +32,7 @@ from pipeline.config import UsageError
 from pipeline.cost import ledger_usage, merge
 from pipeline.job_config import ShardedJobConfig
 from pipeline.manifest import Manifest
-from pipeline.method import MethodConfig, Mode, Outcome, Usage, legacy_method_keys
+from pipeline.method import MethodConfig, Mode, Outcome, Usage
 from pipeline.schema import QUESTION_SCHEMA
 from pipeline.sharded import ShardWorker, chunks, finish_each, missing_fields, row_label, run_sharded_job, split_inputs
 from pipeline.similarity import decomposition_similarity
@@ -83,12 +83,9 @@ class InferConfig(ShardedJobConfig):
     fingerprint_fields: ClassVar[tuple[str, ...]] = ("input", "setting", "mode", "decomposer", "solver", "decomposer_sampling",
                                                      "solver_sampling", "method")
     backend_fields: ClassVar[tuple[str, ...]] = ("decomposer", "solver")
+    legacy_method_keys: ClassVar[dict[str, str]] = {k: k for k in ("decomposer_few_shot", "solver_few_shot", "max_dynamic_steps",
+                                                                   "drop_f1_threshold")}
 
-    @model_validator(mode="before")
-    @classmethod
-    def _legacy_keys(cls, data: Any) -> Any:
-        return legacy_method_keys(data, {k: k for k in ("decomposer_few_shot", "solver_few_shot", "max_dynamic_steps",
-                                                        "drop_f1_threshold")})
 
 
 class InferWorker(ShardWorker):

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Iterator, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline import tables
 from pipeline.config import ActorPoolConfig, PricingConfig, RayConfig, Strict
+from pipeline.method import legacy_method_keys
 
 
 class InputConfig(Strict):
@@ -53,6 +54,13 @@ class ShardedJobConfig(Strict):
     fingerprint_fields: ClassVar[tuple[str, ...]] = ("input",)
     # The backend sections, whose API-key variables the actors get from the driver.
     backend_fields: ClassVar[tuple[str, ...]] = ()
+    # The keys a job had before its ``method:`` section (old key -> MethodConfig field), still read into it.
+    legacy_method_keys: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_legacy_method_keys(cls, data: Any) -> Any:
+        return legacy_method_keys(data, cls.legacy_method_keys)
 
     def fingerprint(self) -> dict[str, Any]:
         """The resume fingerprint: :attr:`fingerprint_fields` (``section.field`` for one field of a section)

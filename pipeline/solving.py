@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from pipeline import method, storage, tables
 from pipeline.backends import BackendConfig, SamplingParams, make_backend
@@ -42,7 +42,7 @@ from pipeline.cost import ledger_usage
 from pipeline.generation import GENERATE_SCHEMA
 from pipeline.job_config import ShardedJobConfig
 from pipeline.manifest import Manifest
-from pipeline.method import MethodConfig, Outcome, Usage, legacy_method_keys
+from pipeline.method import MethodConfig, Outcome, Usage
 from pipeline.prompts import PROMPT_VERSION
 from pipeline.sharded import ShardWorker, chunks, finish_each, missing_fields, row_label, run_sharded_job, split_inputs
 
@@ -86,11 +86,8 @@ class SolveConfig(ShardedJobConfig):
     fingerprint_fields: ClassVar[tuple[str, ...]] = ("input", "solver", "sampling", "method.solver_few_shot",
                                                      "method.drop_f1_threshold")
     backend_fields: ClassVar[tuple[str, ...]] = ("solver",)
+    legacy_method_keys: ClassVar[dict[str, str]] = {"few_shot": "solver_few_shot", "drop_f1_threshold": "drop_f1_threshold"}
 
-    @model_validator(mode="before")
-    @classmethod
-    def _legacy_keys(cls, data: Any) -> Any:
-        return legacy_method_keys(data, {"few_shot": "solver_few_shot", "drop_f1_threshold": "drop_f1_threshold"})
 
     @field_validator("sampling")
     @classmethod
