@@ -8,6 +8,8 @@ Modes:
   answer: 2 calls per step, with the context re-sent every step (the cost the paper compares).
 * ``direct`` / ``cot``: single-stage baselines: the solver answers alone.
 
+Every mode is a program of :mod:`pipeline.method` (the code ``solve`` and ``/v1/solve`` run too),
+driven in batches: each round's calls of one stage are one ``generate`` on that stage's backend.
 Backends are any of the project's (a local Hugging Face student, an OpenAI-compatible
 endpoint such as our own serve app or vLLM, the offline reference). Each actor of the
 Ray Data pool holds one decomposer and one solver; work is sharded and resumable like

@@ -2,13 +2,13 @@
 
 Input is a ``generate`` output (or any row set with ``request_id``, ``dataset``,
 ``question``, ``context``, ``answers`` and ``subquestions``); ``request_id`` is already
-unique, so each input row is one work unit (no expansion). For each row the solver gets
-one :func:`~pipeline.prompts.solver_messages` call: it answers the subquestions in order
-("A1: ...", each answer may use the earlier ones in the same generation) and ends with
-"The answer is: ...". The output row keeps every input column and adds the subanswers,
-the extracted final answer (``prediction``), the raw solver text, the solver model and
-prompt version, the solver's token usage and latency, and the scores (``em``, ``f1``,
-``correct``) from :func:`pipeline.metrics.score`.
+unique, so each input row is one work unit (no expansion). Each row runs the method's second
+stage, :func:`pipeline.method.solve_given` (the same code ``infer`` and ``/v1/solve`` run): one
+solver call answers the subquestions in order ("A1: ...", each answer may use the earlier ones
+in the same generation) and ends with "The answer is: ...". The output row keeps every input
+column and adds the subanswers, the extracted final answer (``prediction``), the raw solver
+text, the solver model and prompt version, the solver's token usage and latency, and the
+scores (``em``, ``f1``, ``correct``) by the dataset's metric.
 
 Failure policy:
 
@@ -19,7 +19,7 @@ Failure policy:
   wrong prediction, and dropping it would inflate accuracy and bias rejection sampling.
   The row is kept with ``prediction=None`` (scored ``correct=False``) and a
   ``parse_warning``. A missing "The answer is:" marker on GSM8K falls back to the last
-  number (:func:`~pipeline.parsing.extract_answer`), also with a ``parse_warning``, as
+  number (:func:`~pipeline.method.read_solution`), also with a ``parse_warning``, as
   does a solver that answered a different number of subquestions than it was given.
 """
 
