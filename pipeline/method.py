@@ -13,7 +13,11 @@ Why generators: the same program runs under two drivers without a second copy of
 :func:`run_batched` advances many programs in lockstep and sends each round's calls as one batch
 per role (the ``solve`` and ``infer`` jobs on Ray Data actors); :func:`run_async` awaits one
 program's calls in turn (the served ``/v1/solve`` route). So a question gets the same
-subquestions, answers and score offline and online.
+subquestions, answers and score offline and online (``tests/test_agreement.py`` checks it).
+
+Also here: :class:`MethodConfig`, the method's settings (the ``method:`` section of the generate,
+solve, infer and serve configs), and :class:`Usage`, the one per-stage tally of calls and tokens
+(output rows, shard markers, the cost ledger and ``divconq estimate`` all count with it).
 """
 
 from __future__ import annotations

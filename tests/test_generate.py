@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import sys
 
-import pytest
-
 from pipeline import storage, tables
 from pipeline.manifest import read_manifest
 from ray_jobs import generate, prepare
