@@ -87,7 +87,7 @@ class TokenCounter:
         return sum(self.text(str(m.get("content") or "")) + MESSAGE_OVERHEAD for m in messages) + REPLY_OVERHEAD
 
 
-class StageTally:
+class StageEstimate:
     """What one stage would send: its calls and tokens (a :class:`~pipeline.method.StageUsage` of prompts
     counted, not sent), with the counter, model and token cap they are counted and priced by."""
 
@@ -144,7 +144,7 @@ def _gold_reply(call: Call, s: MethodConfig) -> Optional[str]:
     return _gold_solution(row, list(row.get("subquestions") or []))  # solver, direct
 
 
-def _replayed(programs: list, tallies: dict[str, StageTally], s: MethodConfig) -> None:
+def _replayed(programs: list, tallies: dict[str, StageEstimate], s: MethodConfig) -> None:
     """Run the jobs' own programs (:mod:`pipeline.method`) against a gold replay, counting every call's
     prompt and expected reply: the prompts are exactly the job's, none is sent."""
 
@@ -154,15 +154,15 @@ def _replayed(programs: list, tallies: dict[str, StageTally], s: MethodConfig) -
     method.run_batched(programs, call)
 
 
-def _generate(cfg: Any) -> list[StageTally]:
-    t = StageTally("decomposer", cfg.teacher, cfg.sampling)
+def _generate(cfg: Any) -> list[StageEstimate]:
+    t = StageEstimate("decomposer", cfg.teacher, cfg.sampling)
     for row in cfg.input.rows():
         t.add(method.decompose_call(row, cfg.method).messages, _gold_decomposition(row), times=cfg.sampling.n)
     return [t]
 
 
-def _solve(cfg: Any) -> list[StageTally]:
-    t = StageTally("solver", cfg.solver, cfg.sampling)
+def _solve(cfg: Any) -> list[StageEstimate]:
+    t = StageEstimate("solver", cfg.solver, cfg.sampling)
     # rows without subquestions: the job quarantines them without a request
     programs = [method.solve_given(row, list(row["subquestions"]), cfg.method) for row in cfg.input.rows()
                 if row.get("subquestions") is not None]
@@ -170,15 +170,15 @@ def _solve(cfg: Any) -> list[StageTally]:
     return [t]
 
 
-def _infer(cfg: Any) -> list[StageTally]:
-    tallies = {"solver": StageTally("solver", cfg.solver, cfg.solver_sampling)}
+def _infer(cfg: Any) -> list[StageEstimate]:
+    tallies = {"solver": StageEstimate("solver", cfg.solver, cfg.solver_sampling)}
     if cfg.decomposer is not None:
-        tallies["decomposer"] = StageTally("decomposer", cfg.decomposer, cfg.decomposer_sampling)
+        tallies["decomposer"] = StageEstimate("decomposer", cfg.decomposer, cfg.decomposer_sampling)
     _replayed([method.program(cfg.mode, row, cfg.method) for row in cfg.input.rows()], tallies, cfg.method)
     return [t for t in (tallies.get("decomposer"), tallies["solver"]) if t is not None and t.usage.calls]
 
 
-ESTIMATORS: dict[str, Callable[[Any], list[StageTally]]] = {"generate": _generate, "solve": _solve, "infer": _infer}
+ESTIMATORS: dict[str, Callable[[Any], list[StageEstimate]]] = {"generate": _generate, "solve": _solve, "infer": _infer}
 CONFIGS = {"generate": GenerateConfig, "solve": SolveConfig, "infer": InferConfig}
 EstimatedConfig = Union[GenerateConfig, SolveConfig, InferConfig]
 
