@@ -97,6 +97,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     use_gpu = bool(cfg.scaling.use_gpu and torch.cuda.is_available())
     if not use_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
+        from training.engine import skip_unused_shm_op
+
+        skip_unused_shm_op()
 
     import deepspeed
     import ray.train
