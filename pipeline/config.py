@@ -8,6 +8,7 @@ command line are applied before validation; values are parsed as YAML scalars.
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Annotated, Any, Literal, Optional, TypeVar, Union
 
@@ -165,6 +166,17 @@ BackendConfig = Annotated[
 
 
 # ---------------------------------------------------------------- loading
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in, section by section (a copy; neither input changes)."""
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form key.sub=value")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import copy
+import shutil
 from typing import Any
 
+from pipeline.config import deep_merge
 from training.config import TrainConfig
 
 
@@ -20,10 +21,8 @@ def resolve_precision(precision: str, use_gpu: bool, bf16_supported: bool = Fals
 
 def fused_adam_available() -> bool:
     """Whether DeepSpeed's FusedAdam can be used here: prebuilt, or JIT-buildable (nvcc + ninja)."""
-    import shutil
-
     try:
-        from deepspeed.git_version_info import installed_ops
+        from deepspeed.git_version_info import installed_ops  # lazy: DeepSpeed loads only in workers
 
         if installed_ops.get("fused_adam"):
             return True
@@ -38,16 +37,6 @@ def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
     if cfg.optim.warmup_steps is not None:
         return cfg.optim.warmup_steps
     return int(round(cfg.optim.warmup_ratio * total_steps))
-
-
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
 
 
 def scheduler_config(cfg: TrainConfig, total_steps: int) -> dict[str, Any]:

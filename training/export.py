@@ -21,6 +21,7 @@ import tempfile
 from typing import Any, Iterator, Optional
 
 from pipeline import storage
+from pipeline.chat import render_chat
 
 HF_SUBDIR = "hf_model"
 
@@ -162,12 +163,7 @@ def smoke_generate(model_dir: str, messages: list[dict[str, str]], max_new_token
     tokenizer = AutoTokenizer.from_pretrained(local)
     model = AutoModelForCausalLM.from_pretrained(local)
     model.eval()
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:
-        from training.sft_data import render_fallback
-
-        text = render_fallback(messages, add_generation_prompt=True)
+    text = render_chat(tokenizer, messages, add_generation_prompt=True)
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)

@@ -17,6 +17,7 @@ import logging
 import time
 
 from pipeline.backends.base import Backend, Completion, Request, SamplingParams
+from pipeline.chat import render_chat
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +42,6 @@ def pick_dtype(requested: str, device: str):
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-def render_prompt(tokenizer, messages: list[dict]) -> str:
-    """Chat template when the tokenizer has one, else a plain role-prefixed transcript."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-    return "\n".join(lines) + "\nAssistant:"
 
 
 class HFBackend(Backend):
@@ -88,7 +81,7 @@ class HFBackend(Backend):
 
     def _generate_chunk(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
         torch = self._torch
-        prompts = [render_prompt(self.tokenizer, r.messages) for r in requests]
+        prompts = [render_chat(self.tokenizer, r.messages) for r in requests]
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
                              max_length=self.prompt_limit, add_special_tokens=False).to(self.device)
         max_pos = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", None)
@@ -123,7 +116,7 @@ class HFBackend(Backend):
 
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
         limit = self.prompt_limit
-        lengths = [len(ids) for ids in self.tokenizer([render_prompt(self.tokenizer, r.messages) for r in requests],
+        lengths = [len(ids) for ids in self.tokenizer([render_chat(self.tokenizer, r.messages) for r in requests],
                                                        add_special_tokens=False)["input_ids"]]
         out: list[Completion | None] = [None] * len(requests)
         todo = []

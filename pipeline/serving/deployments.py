@@ -33,6 +33,7 @@ from starlette.requests import Request as HTTPRequest
 
 from pipeline.backends.base import BackendUnavailable, SamplingParams
 from pipeline.backends.base import Request as BackendRequest
+from pipeline.chat import render_chat
 
 logger = logging.getLogger("ray.serve")
 
@@ -140,8 +141,6 @@ class _BatchedModel:
         tokenizer = getattr(self.backend, "tokenizer", None)
         if tokenizer is None:
             return None
-        from pipeline.backends.hf_local import render_prompt
-
         limit = int(getattr(self.backend, "max_input_tokens", 0) or 0)
         mcfg = getattr(getattr(self.backend, "model", None), "config", None)
         max_pos = getattr(mcfg, "max_position_embeddings", None) or getattr(mcfg, "n_positions", None)
@@ -150,7 +149,7 @@ class _BatchedModel:
         if not limit:
             return None
         try:
-            n = len(tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"])
+            n = len(tokenizer(render_chat(tokenizer, messages), add_special_tokens=False)["input_ids"])
         except Exception:  # pragma: no cover - let generate() report it
             return None
         if n > limit:

@@ -1,0 +1,168 @@
+"""The ``train`` job: ``run(cfg) -> manifest``, callable in-process (``ray_jobs/train.py`` is its CLI).
+
+config -> Ray -> each model's base model (a tiny one built from its training text, or any HF causal
+LM, staged next to the checkpoints) -> one ``TorchTrainer`` whose workers run
+:func:`training.recipe.recipe_main` over every model still to train -> export each model's final
+Hugging Face folder to its ``output.dir`` -> one ``manifest.json`` per model.
+
+A model whose ``output.dir`` already holds a complete manifest of the same configuration is
+skipped (not even loaded); when no model is left, Ray Train does not start. Re-running with the
+same ``output.checkpoint_dir`` and ``output.run_name`` resumes each unfinished model at its latest
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Optional, Sequence
+
+from huggingface_hub import snapshot_download
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from pipeline import storage, tables
+from pipeline.config import config_to_dict
+from pipeline.jobs import init_ray
+from pipeline.manifest import read_manifest, write_manifest
+from pipeline.tiny_models import build_tiny_model
+from training.callbacks import Callback, ProgressLog, test_callbacks_from_env
+from training.checkpointing import checkpoint_config, latest_of, read_trainer_state
+from training.config import TrainConfig
+from training.export import export_from_checkpoint
+from training.recipe import JobPlan, ModelPlan, recipe_main
+from training.sft_data import corpus_from_rows, read_conversations
+
+log = logging.getLogger("divconq.train")
+
+# Config sections that do not change what a model learns (a re-run may change them and still skip it).
+_NOT_IN_FINGERPRINT = ("ray", "failure")
+
+
+def run(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Train every model of ``cfg``; returns the manifest (one model) or a summary of the models."""
+    started = time.time()
+    cfg = cfg.with_absolute_paths()
+    models = cfg.model_runs()
+    todo = [(i, m) for i, m in enumerate(models) if not already_trained(m)]
+    for m in models:
+        if all(m is not t for _, t in todo):
+            log.info("train %s: already trained and exported to %s, skipped", m.output.run_name, m.output.dir)
+    if todo:
+        init_ray(cfg.ray)
+        plans = [ModelPlan(m, prepare_base_model(m), index=i) for i, m in todo]
+        callbacks = [ProgressLog(), *callbacks, *test_callbacks_from_env()]
+        result = _fit(cfg, JobPlan(plans, several=cfg.several, callbacks=callbacks), num_models=len(models))
+        for plan in plans:
+            _finish_model(plan, result, cfg.several, started)
+    manifests = [read_manifest(m.output.dir) for m in models]
+    return manifests[0] if not cfg.several else _job_summary(cfg, manifests, started)
+
+
+def fingerprint(cfg: TrainConfig) -> dict[str, Any]:
+    """What decides a model's result: its one-model config without Ray and failure settings."""
+    data = config_to_dict(cfg)
+    for key in _NOT_IN_FINGERPRINT:
+        data.pop(key, None)
+    return data
+
+
+def already_trained(cfg: TrainConfig) -> bool:
+    """A complete manifest of the same configuration in the model's ``output.dir``."""
+    manifest = read_manifest(cfg.output.dir)
+    if not manifest or manifest.get("status") != "complete":
+        return False
+    return fingerprint(TrainConfig.model_validate(manifest["config"])) == fingerprint(cfg)
+
+
+def prepare_base_model(cfg: TrainConfig) -> str:
+    """The base model every worker loads: a hub name / dir / s3:// dir, or a tiny one built here
+    (stored next to the checkpoints so that workers on any node, and resumed runs, use the same one)."""
+    name = cfg.model.name_or_path
+    if not cfg.model.build_tiny:
+        if storage.is_s3(name):
+            return name
+        if os.path.isdir(os.path.expanduser(name)):
+            return os.path.abspath(os.path.expanduser(name))
+    dest = storage.join(cfg.output.checkpoint_dir, f"{cfg.output.run_name}-base_model")
+    if storage.exists(storage.join(dest, "config.json")):  # staged by an earlier run of this model
+        return dest
+    if not cfg.model.build_tiny:
+        # a hub name: fetched once on the driver into the run's storage, which every node (and a
+        # resumed run) can read; a driver-local cache is not
+        storage.copy_dir(snapshot_download(name), dest)
+        return dest
+    t = cfg.model.tiny
+    tmp = tempfile.mkdtemp(prefix="divconq-tiny-")
+    try:
+        texts = corpus_from_rows(read_conversations(cfg.data.train_path))
+        build_tiny_model(tmp, texts, arch=t.arch, vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+                         num_layers=t.num_layers, num_heads=t.num_heads,
+                         max_positions=max(t.max_positions, cfg.data.max_length), seed=cfg.seed)
+        storage.copy_dir(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _fit(cfg: TrainConfig, plan: JobPlan, num_models: int):
+    """One Ray Train run (``output.run_name``) for every model of the plan."""
+    fs, storage_path = storage.filesystem(cfg.output.checkpoint_dir)
+    s = cfg.scaling
+    trainer = TorchTrainer(
+        recipe_main,
+        train_loop_config={"plan": plan},
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                     resources_per_worker={"CPU": s.cpus_per_worker, **s.resources_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=cfg.output.run_name,
+            storage_path=storage_path,
+            storage_filesystem=fs if storage.is_s3(cfg.output.checkpoint_dir) else None,
+            checkpoint_config=checkpoint_config(cfg.output.num_checkpoints_to_keep, num_models),
+            failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
+        ),
+    )
+    plan.started_at = time.time()
+    return trainer.fit()
+
+
+def _finish_model(plan: ModelPlan, result, several: bool, started: float) -> dict[str, Any]:
+    """Export the model's final checkpoint to its ``output.dir`` and write its manifest."""
+    cfg, name = plan.cfg, plan.cfg.output.run_name
+    final = latest_of(name, list(result.best_checkpoints or []), several, final_only=True)
+    if final is None:
+        raise ValueError(f"training {name} produced no final checkpoint")
+    checkpoint, metrics = final
+    export_start = time.time()
+    lora = cfg.model.lora
+    export_from_checkpoint(checkpoint, cfg.output.dir, merge_lora=bool(lora and lora.export == "merged"))
+    state = read_trainer_state(checkpoint)
+    timings = {**state.timings, "driver_export_s": round(time.time() - export_start, 3)}
+    keys = ("loss", "val_loss", "lr", "step", "epoch", "tokens", "tokens_per_s", "truncated_rows")
+    final_metrics = {k: metrics.get(k) for k in keys}
+    manifest = write_manifest(
+        cfg.output.dir, "train", cfg,
+        inputs={"train_path": cfg.data.train_path, "validation_path": cfg.data.validation_path, "base_model": plan.base_model},
+        counts={"train_rows": tables.count_rows(cfg.data.train_path), "val_rows": tables.count_rows(cfg.data.validation_path),
+                "truncated_rows": int(metrics.get("truncated_rows") or 0), "steps": int(metrics.get("step") or 0)},
+        started_at=started, usage={"train_tokens": metrics.get("tokens")},
+        extra={"model": name, "metrics": final_metrics, "history": state.history, "timings": timings,
+               "checkpoint": str(checkpoint.path), "model_dir": cfg.output.dir},
+    )
+    log.info("train %s: step %s loss %.4f val_loss %s -> %s", name, final_metrics["step"], final_metrics["loss"] or float("nan"),
+             final_metrics["val_loss"], cfg.output.dir)
+    return manifest
+
+
+def _job_summary(cfg: TrainConfig, manifests: list[Optional[dict[str, Any]]], started: float) -> dict[str, Any]:
+    """A several-model job's result: every model's manifest entry (also written to ``output.dir`` when set)."""
+    models = [{"model": m["model"], "model_dir": m["model_dir"], "steps": m["counts"]["steps"], "metrics": m["metrics"],
+               "timings": m.get("timings", {})} for m in manifests if m]
+    summary = {"job": "train", "status": "complete", "models": models, "wall_time_s": round(time.time() - started, 3)}
+    if cfg.output.dir:
+        storage.write_json(storage.join(cfg.output.dir, "manifest.json"), summary)
+    return summary
