@@ -53,15 +53,18 @@ class ProgressLog(Callback):
 
 
 class CrashAtStep(Callback):
-    """Test-only: the last rank exits hard once at ``step``; ``marker`` records that it did, so the
-    restarted worker group (``failure.max_failures``) does not crash again."""
+    """Test-only: the last rank exits hard once at ``step`` (of ``model``, or of any model);
+    ``marker`` records that it did, so the restarted worker group (``failure.max_failures``) does
+    not crash again."""
 
-    def __init__(self, step: int, marker: str):
-        self.step, self.marker = step, marker
+    def __init__(self, step: int, marker: str, model: Optional[str] = None):
+        self.step, self.marker, self.model = step, marker, model
 
     def on_step_end(self, recipe: "SFTRecipe") -> None:
         worker = recipe.worker
         if recipe.state.global_step != self.step or worker.rank != worker.world - 1 or os.path.exists(self.marker):
+            return
+        if self.model is not None and recipe.name != self.model:
             return
         open(self.marker, "w").close()
         log.warning("test hook: rank %d crashing at step %d", worker.rank, self.step)
