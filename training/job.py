@@ -52,12 +52,13 @@ def run(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
         if all(m is not t for _, t in todo):
             log.info("train %s: already trained and exported to %s, skipped", m.output.run_name, m.output.dir)
     if todo:
-        init_ray(cfg.ray)
-        plans = [ModelPlan(m, prepare_base_model(m), index=i) for i, m in todo]
+        timings = {"ray_init_s": _seconds(init_ray, cfg.ray)[1]}
+        plans, timings["base_model_s"] = _seconds(lambda: [ModelPlan(m, prepare_base_model(m), index=i) for i, m in todo])
         callbacks = [ProgressLog(), *callbacks, *test_callbacks_from_env()]
-        result = _fit(cfg, JobPlan(plans, several=cfg.several, callbacks=callbacks), num_models=len(models))
+        job_plan = JobPlan(plans, several=cfg.several, callbacks=callbacks)
+        result, timings["fit_s"] = _seconds(_fit, cfg, job_plan, len(models))
         for plan in plans:
-            _finish_model(plan, result, cfg.several, started)
+            _finish_model(plan, result, cfg.several, started, timings)
     manifests = [read_manifest(m.output.dir) for m in models]
     return manifests[0] if not cfg.several else _job_summary(cfg, manifests, started)
 
@@ -130,7 +131,13 @@ def _fit(cfg: TrainConfig, plan: JobPlan, num_models: int):
     return trainer.fit()
 
 
-def _finish_model(plan: ModelPlan, result, several: bool, started: float) -> dict[str, Any]:
+def _seconds(fn, *args: Any) -> tuple[Any, float]:
+    start = time.time()
+    out = fn(*args)
+    return out, round(time.time() - start, 3)
+
+
+def _finish_model(plan: ModelPlan, result, several: bool, started: float, job_timings: dict[str, float]) -> dict[str, Any]:
     """Export the model's final checkpoint to its ``output.dir`` and write its manifest."""
     cfg, name = plan.cfg, plan.cfg.output.run_name
     final = latest_of(name, list(result.best_checkpoints or []), several, final_only=True)
@@ -141,8 +148,8 @@ def _finish_model(plan: ModelPlan, result, several: bool, started: float) -> dic
     lora = cfg.model.lora
     export_from_checkpoint(checkpoint, cfg.output.dir, merge_lora=bool(lora and lora.export == "merged"))
     state = read_trainer_state(checkpoint)
-    timings = {**state.timings, "driver_export_s": round(time.time() - export_start, 3)}
-    keys = ("loss", "val_loss", "lr", "step", "epoch", "tokens", "tokens_per_s", "truncated_rows")
+    timings = {**state.timings, "driver_export_s": round(time.time() - export_start, 3), "job": job_timings}
+    keys = ("loss", "val_loss", "lr", "step", "epoch", "tokens", "tokens_per_s", "elapsed_s", "truncated_rows")
     final_metrics = {k: metrics.get(k) for k in keys}
     manifest = write_manifest(
         cfg.output.dir, "train", cfg,
