@@ -32,7 +32,7 @@ from benchmarks import common  # noqa: E402
 from benchmarks.bench_training import write_sft_data  # noqa: E402
 
 NAME = "bench_train_fixed_cost"
-PHASES = ("worker_start_s", "load_s", "tokenize_s", "engine_s", "resume_s", "validate_s", "checkpoint_s", "export_s",
+PHASES = ("worker_start_s", "load_s", "tokenize_s", "find_checkpoint_s", "engine_s", "resume_s", "validate_s", "checkpoint_s", "export_s",
           "driver_export_s")
 
 

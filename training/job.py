@@ -149,7 +149,7 @@ def _finish_model(plan: ModelPlan, result, several: bool, started: float, job_ti
     export_from_checkpoint(checkpoint, cfg.output.dir, merge_lora=bool(lora and lora.export == "merged"))
     state = read_trainer_state(checkpoint)
     timings = {**state.timings, "driver_export_s": round(time.time() - export_start, 3), "job": job_timings}
-    keys = ("loss", "val_loss", "lr", "step", "epoch", "tokens", "tokens_per_s", "elapsed_s", "truncated_rows")
+    keys = ("loss", "val_loss", "lr", "step", "epoch", "tokens", "tokens_per_s", "elapsed_s", "cpu_s", "truncated_rows")
     final_metrics = {k: metrics.get(k) for k in keys}
     manifest = write_manifest(
         cfg.output.dir, "train", cfg,

@@ -128,7 +128,7 @@ class SFTRecipe:
         self.engine: Optional[Engine] = None
         self._window = [0.0, 0.0]  # loss sum, micro-steps since the last report
         self._session_tokens = 0.0
-        self._session_start = time.time()
+        self._session_start, self._session_cpu = time.time(), time.process_time()
         self._tokens_base = 0.0  # tokens trained before this session (resumed runs)
         self._start_step = 0
         self._reports = 0
@@ -140,7 +140,8 @@ class SFTRecipe:
             self._load_tokenizer()
         with self._timed("tokenize_s"):
             self._load_data()
-        resume = self._find_resume_checkpoint()
+        with self._timed("find_checkpoint_s"):  # waits for Ray Train to register this group's earlier reports
+            resume = self._find_resume_checkpoint()
         if self.finished:
             log.info("train %s: finished earlier at step %d, nothing to train", self.name, self.state.global_step)
             return
@@ -206,6 +207,7 @@ class SFTRecipe:
             return
         self.engine.engine.train()
         self._session_start, self._tokens_base = time.time(), self.state.tokens
+        self._session_cpu = time.process_time()
         epoch, skip = self.state.epoch, self.state.micro_step_in_epoch
         if epoch < len(self.micro_per_epoch) and skip >= self.micro_per_epoch[epoch]:
             epoch, skip = epoch + 1, 0
@@ -335,14 +337,15 @@ class SFTRecipe:
     # ================================================================ reports
     def _metrics(self, epoch: int, done: bool = False) -> dict[str, Any]:
         """Metrics since the last report, summed over ranks; appended to the model's history."""
-        loss_sum, n, tokens = self.worker.all_sum([self._window[0], self._window[1], self._session_tokens])
+        cpu = time.process_time() - self._session_cpu
+        loss_sum, n, tokens, cpu = self.worker.all_sum([self._window[0], self._window[1], self._session_tokens, cpu])
         self._window = [0.0, 0.0]
         elapsed = max(time.time() - self._session_start, 1e-6)
         lrs = self.engine.engine.get_lr()
         step = self.state.global_step
         m = {"model": self.name, "loss": loss_sum / n if n else float("nan"), "lr": float(lrs[0]) if lrs else 0.0,
              "step": step, "epoch": epoch, "tokens": self._tokens_base + tokens,
-             "tokens_per_s": tokens / elapsed, "elapsed_s": elapsed, "truncated_rows": self.train_data.truncated_rows,
+             "tokens_per_s": tokens / elapsed, "elapsed_s": elapsed, "cpu_s": cpu, "truncated_rows": self.train_data.truncated_rows,
              "total_steps": self.total_steps, "start_step": self._start_step, "done": done,
              RETENTION_METRIC: retention_score(self.index, step, done)}
         if self.state.val_loss is not None:
