@@ -269,6 +269,24 @@ def test_several_models_share_the_job_and_inherit_defaults():
         load_config(TrainConfig, None, base + ["output.dir=/o"])
 
 
+def test_an_exported_model_is_skipped_only_for_the_same_config(tmp_path):
+    """A re-run skips a model whose output holds a complete manifest of the same config; Ray and
+    failure settings do not count, anything that changes the model does."""
+    import time
+
+    from pipeline.manifest import write_manifest
+    from training.job import already_trained
+
+    cfg = _cfg(**{"output.dir": str(tmp_path / "m"), "schedule.max_steps": 10}).with_absolute_paths()
+    assert not already_trained(cfg)
+    write_manifest(cfg.output.dir, "train", cfg, inputs={}, counts={}, started_at=time.time())
+    assert already_trained(cfg)
+    assert already_trained(cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"num_cpus": 7})}))
+    assert not already_trained(cfg.model_copy(update={"schedule": cfg.schedule.model_copy(update={"max_steps": 20})}))
+    write_manifest(cfg.output.dir, "generate", cfg, inputs={}, counts={}, started_at=time.time())
+    assert not already_trained(cfg)
+
+
 def test_weights_only_loads_refuses_arbitrary_pickles(tmp_path):
     import torch
 

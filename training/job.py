@@ -21,6 +21,7 @@ import time
 from typing import Any, Optional, Sequence
 
 from huggingface_hub import snapshot_download
+from pydantic import ValidationError
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -47,10 +48,12 @@ def run(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     started = time.time()
     cfg = cfg.with_absolute_paths()
     models = cfg.model_runs()
-    todo = [(i, m) for i, m in enumerate(models) if not already_trained(m)]
-    for m in models:
-        if all(m is not t for _, t in todo):
+    todo = []
+    for i, m in enumerate(models):
+        if already_trained(m):
             log.info("train %s: already trained and exported to %s, skipped", m.output.run_name, m.output.dir)
+        else:
+            todo.append((i, m))
     if todo:
         timings = {"ray_init_s": _seconds(init_ray, cfg.ray)[1]}
         plans, timings["base_model_s"] = _seconds(lambda: [ModelPlan(m, prepare_base_model(m), index=i) for i, m in todo])
@@ -74,9 +77,13 @@ def fingerprint(cfg: TrainConfig) -> dict[str, Any]:
 def already_trained(cfg: TrainConfig) -> bool:
     """A complete manifest of the same configuration in the model's ``output.dir``."""
     manifest = read_manifest(cfg.output.dir)
-    if not manifest or manifest.get("status") != "complete":
+    if not manifest or manifest.get("job") != "train" or manifest.get("status") != "complete":
         return False
-    return fingerprint(TrainConfig.model_validate(manifest["config"])) == fingerprint(cfg)
+    try:
+        done = TrainConfig.model_validate(manifest.get("config"))
+    except ValidationError:  # written by another version of the schema: train (resuming) to be sure
+        return False
+    return fingerprint(done) == fingerprint(cfg)
 
 
 def prepare_base_model(cfg: TrainConfig) -> str:
