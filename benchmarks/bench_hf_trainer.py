@@ -304,7 +304,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def write_report(rep, results: dict[str, Any], loc: dict[str, int], steps: int, rounds: int) -> None:
-    ours, ours_cpu = results["ours"]["tokens_per_s"], results["ours"]["tokens_per_cpu_s"]
+    base = results.get("ours", {})
+    ours, ours_cpu = base.get("tokens_per_s", float("nan")), base.get("tokens_per_cpu_s", float("nan"))
     labels = {"ours": "our recipe (training/recipe.py)", "trainer": "transformers Trainer + DeepSpeed, prepare_trainer",
               "trl": "TRL SFTTrainer + DeepSpeed, prepare_trainer"}
     rows = []

@@ -13,6 +13,9 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
+from ray.train.v2._internal.execution import context as ray_train_context
+from transformers.utils import logging as transformers_logging
+
 if TYPE_CHECKING:  # the recipe imports this module
     from training.recipe import SFTRecipe
 
@@ -38,18 +41,45 @@ class Callback:
         """After the model's final checkpoint (or when it had nothing left to train)."""
 
 
+def quiet_worker_logs() -> None:
+    """Keep a worker's output to the progress lines: Ray Train logs every report of every rank at INFO
+    (``Reporting training result N: TrainingReport(...)``, from a logger named by its file path, which
+    ``RunConfig(logging_config=...)`` does not reach), and transformers draws a progress bar per load/save."""
+    logging.getLogger(ray_train_context.__file__).setLevel(logging.WARNING)
+    transformers_logging.disable_progress_bar()
+
+
+def progress_logger() -> logging.Logger:
+    """``divconq.train.progress``: INFO lines that reach the driver from a Ray worker (whose root logger
+    has no handler, so INFO would be dropped), one line each, without the logging preamble."""
+    logger = logging.getLogger("divconq.train.progress")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
 class ProgressLog(Callback):
-    """One line per report on rank 0: model, step of total, loss, tokens/s, ETA."""
+    """A line per tenth of a model's steps on rank 0 (and its last): step of total, loss, tokens/s, ETA."""
+
+    def __init__(self, lines: int = 10):
+        self.lines = lines
+        self._shown: dict[str, int] = {}  # model -> the last fraction (in 1/lines) shown
 
     def on_report(self, recipe: "SFTRecipe", metrics: dict[str, Any]) -> None:
-        if recipe.worker.rank != 0:
-            return
         step, total = metrics["step"], max(metrics["total_steps"], 1)
+        part = self.lines * step // total
+        if recipe.worker.rank != 0 or (part == self._shown.get(recipe.name) and not metrics.get("done")):
+            return
+        self._shown[recipe.name] = part
         done_now = max(step - metrics["start_step"], 0)
         eta = metrics["elapsed_s"] / done_now * (total - step) if done_now else float("nan")
         val = f" val_loss {metrics['val_loss']:.4f}" if metrics.get("val_loss") is not None else ""
-        log.info("train %s: step %d/%d (%.0f%%) loss %.4f%s, %.0f tokens/s, eta %.0f s", recipe.name, step, total,
-                 100.0 * step / total, metrics["loss"], val, metrics["tokens_per_s"], eta)
+        progress_logger().info("train %s: step %d/%d (%.0f%%) loss %.4f%s, %.0f tokens/s, eta %.0f s", recipe.name, step,
+                               total, 100.0 * step / total, metrics["loss"], val, metrics["tokens_per_s"], eta)
 
 
 class CrashAtStep(Callback):

@@ -46,7 +46,6 @@ shared 2-core Xeon): they would not win on all counts, so the recipe stays ours.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import tempfile
@@ -62,14 +61,12 @@ from transformers import AutoTokenizer
 
 from pipeline import storage
 from training import export, lora, sft_data
-from training.callbacks import Callback
+from training.callbacks import Callback, progress_logger, quiet_worker_logs
 from training.checkpointing import (
     RETENTION_METRIC, STATE_FILE, TrainerState, checkpoint_dir_name, checkpoint_from_uri, latest_of, retention_score,
 )
 from training.config import TrainConfig
 from training.engine import Engine, build_engine, choose_accelerator
-
-log = logging.getLogger("divconq.train")
 
 
 @dataclass
@@ -118,6 +115,7 @@ def recipe_main(config: dict[str, Any]) -> None:
     """Ray Train's loop: train every model of the job's plan, in order, in this worker group."""
     plan: JobPlan = config["plan"]
     entered = time.time()
+    quiet_worker_logs()
     choose_accelerator(plan.models[0].cfg.scaling.use_gpu)
     worker = Worker.current(plan.models[0].cfg.scaling.use_gpu)
     for i, model in enumerate(plan.models):
@@ -158,7 +156,8 @@ class SFTRecipe:
         with self._timed("find_checkpoint_s"):  # waits for Ray Train to register this group's earlier reports
             resume = self._find_resume_checkpoint()
         if self.finished:
-            log.info("train %s: finished earlier at step %d, nothing to train", self.name, self.state.global_step)
+            if self.worker.rank == 0:
+                progress_logger().info("train %s: finished earlier at step %d, nothing to train", self.name, self.state.global_step)
             return
         with self._timed("engine_s"):
             self.engine = build_engine(self.cfg, self.base_dir, self.total_steps, self.worker.world, self.worker.use_gpu)
@@ -326,8 +325,9 @@ class SFTRecipe:
                 raise RuntimeError(f"DeepSpeed could not load checkpoint {folder} (tag {saved.tag})")
         saved.model, saved.total_steps, saved.timings = self.name, self.total_steps, self.state.timings
         self.state = saved
-        log.info("train %s: rank %d resumed at step %d (epoch %d, micro-batch %d)", self.name, self.worker.rank,
-                 saved.global_step, saved.epoch, saved.micro_step_in_epoch)
+        if self.worker.rank == 0:
+            progress_logger().info("train %s: resumed at step %d (epoch %d, micro-batch %d)", self.name, saved.global_step,
+                                   saved.epoch, saved.micro_step_in_epoch)
 
     def export(self, folder: str) -> None:
         """The trained model as a Hugging Face folder (LoRA: the adapter). Collective: every rank."""
