@@ -26,21 +26,22 @@ for Ray Train's workers, the imports and DeepSpeed's communication set-up once.
 * Test hooks are callbacks (:mod:`training.callbacks`), outside the loop.
 
 Why not transformers' ``Trainer`` or TRL's ``SFTTrainer`` under Ray Train's ``prepare_trainer``
-(``python -m benchmarks.bench_hf_trainer``: same worker group of 2 CPU workers, model, rows, batches,
-optimizer and DeepSpeed ZeRO-2 config, one epoch of GSM8K SFT rows, 3 interleaved rounds, on the
-shared 2-core Xeon): they would not win on all counts, so the recipe stays ours.
+(``python -m benchmarks.bench_hf_trainer``, results in benchmarks/results: the same worker group of 2
+CPU workers, model, rows, batches, optimizer and DeepSpeed ZeRO-2 config, one epoch of GSM8K SFT rows,
+3 interleaved rounds, on the shared 2-core Xeon): they do not win on all counts, so the recipe stays.
 
-* throughput: Trainer 1.01x ours in tokens per CPU-second (6,914 vs 6,867, the medians; its token
-  count also includes the batch accelerate fetches ahead, +1.8 %), i.e. parity; TRL 0.72x (4,975),
-  because its loss path also computes per-token entropy and accuracy and gathers them every step;
-* mid-epoch resume: exact for all three (max |dw| = 0 after stopping at step 31 of 62 and resuming);
+* throughput: Trainer 1.00x ours in tokens per CPU-second (7,392 vs 7,388, medians; 0.97x in wall
+  tokens/s, and its token count includes the batch accelerate fetches ahead, +1.8 %): parity.
+  TRL 0.68x (5,040): its loss path also computes per-token entropy and accuracy and gathers them
+  every step;
+* mid-epoch resume: exact for all three (max |dw| = 0, stopped at step 31 of 62 and resumed);
 * assistant-only loss: all three (Trainer with our labels; TRL with ``completion_only_loss``);
-* code: Trainer would replace ~256 lines (loop, validation, checkpoint save/load, metrics, engine
-  init, batch plans) with ~75 of glue, but ~204 lines stay either way (several models per worker
-  group, per-model resume and retention among Ray Train's checkpoints, the HF export in the final
-  checkpoint, callbacks, timings); packing with block-diagonal attention exists only in TRL, at
-  0.72x; and Trainer checks its arguments against the DeepSpeed config (TRL's default bf16=True
-  fails against an fp32 CPU config).
+* code: Trainer would replace ~257 lines (loop, validation, checkpoint save/load, metrics, engine
+  init, batch plans) by ~75 of glue, while ~225 stay either way (several models per worker group,
+  per-model resume and retention among Ray Train's checkpoints, the HF export in the final
+  checkpoint, callbacks, timings); packing with block-diagonal attention comes only with TRL (0.68x);
+  and Trainer checks its arguments against the DeepSpeed config (TRL's default bf16=True fails
+  against an fp32 CPU config).
 """
 
 from __future__ import annotations
