@@ -84,9 +84,9 @@ class Retokenized:
     chat-templated prompt the model would see, completion = the completion text)."""
 
     def __init__(self, inner, tokenizer):
-        from pipeline.backends.hf_local import render_prompt
+        from pipeline.chat import render_chat
 
-        self.inner, self.tok, self.name, self._render = inner, tokenizer, inner.name, render_prompt
+        self.inner, self.tok, self.name, self._render = inner, tokenizer, inner.name, render_chat
 
     def generate(self, requests, params):
         outs = self.inner.generate(requests, params)

@@ -37,7 +37,7 @@ def sft_step_loop(model_dir: str, data_dir: str, *, pack: bool, compile_model: b
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(model_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    data = sft_data.tokenize_rows(tok, sft_data.read_rows(data_dir), max_length)
+    data = sft_data.tokenize_rows(tok, sft_data.read_conversations(data_dir), max_length)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.config.use_cache = False
     model.train()

@@ -18,7 +18,7 @@ for a in "$@"; do
   esac
 done
 if [ ${#NAMES[@]} -eq 0 ]; then
-  NAMES=(bench_inference_cost bench_teacher_generation bench_scaling bench_local_generation bench_serving bench_training bench_rate_limit bench_batch_vs_online bench_storage)
+  NAMES=(bench_inference_cost bench_teacher_generation bench_scaling bench_local_generation bench_serving bench_training bench_train_fixed_cost bench_hf_trainer bench_rate_limit bench_batch_vs_online bench_storage)
 fi
 
 mkdir -p benchmarks/results

@@ -46,7 +46,18 @@ def read_rows(uri: str, columns: list[str] | None = None) -> list[dict[str, Any]
     return list(iter_rows(uri, columns=columns))
 
 
-def count_rows(uri: str) -> int:
+def column_names(uri: str) -> list[str]:
+    """The columns of a Parquet dataset (from the first file's schema); FileNotFoundError without files."""
+    files = storage.list_files(dataset_path(uri), ".parquet")
+    if not files:
+        raise FileNotFoundError(f"no such dataset: {uri}")
+    return list(pq.ParquetFile(io.BytesIO(storage.read_bytes(files[0]))).schema_arrow.names)
+
+
+def count_rows(uri: str | None) -> int:
+    """Rows of a Parquet dataset, from the files' metadata (0 for no path: an optional input left unset)."""
+    if not uri:
+        return 0
     path = dataset_path(uri)
     return sum(pq.ParquetFile(io.BytesIO(storage.read_bytes(f))).metadata.num_rows for f in storage.list_files(path, ".parquet"))
 

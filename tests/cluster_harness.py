@@ -242,7 +242,10 @@ def _serve(spec_path: str) -> None:
                 old = seen.get(aid, {})
                 # the table keeps the node of a DEAD or RESTARTING actor too: record it whatever the state,
                 # so an actor that lived between two samples (a busy machine) still says where it ran
-                alive_on = {node} if node and node.strip("0") else set()
+                # ... but not while it waits to be placed: a pending actor's address names the raylet that
+                # holds its lease request (then spills it back) or the nil id (f...f), not where it runs
+                placed = a["State"] not in ("DEPENDENCIES_UNREADY", "PENDING_CREATION")
+                alive_on = {node} if placed and node and node.strip("0") and node.strip("f") else set()
                 seen[aid] = {"id": aid, "class": a["ActorClassName"], "state": a["State"], "pid": a["Pid"],
                              "restarts": a["NumRestarts"], "job": a["JobID"],
                              "nodes": sorted(set(old.get("nodes", [])) | alive_on)}

@@ -91,6 +91,30 @@ def test_family_generates_through_the_serving_backend(family_models, family):
     assert len(out) == 2 and all(c.prompt_tokens > 0 and 0 < c.completion_tokens <= 6 for c in out)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_prompt_is_the_served_prompt(family_models, family):
+    """One renderer (pipeline.chat): the tokens a student is trained to continue (everything before
+    its first learned label) are exactly the tokens of the prompt it is served, with a chat template
+    (five families) and without one (GPT-2)."""
+    from transformers import AutoTokenizer
+
+    from pipeline.backends.base import Request, SamplingParams
+    from pipeline.backends.hf_local import HFBackend
+    from pipeline.chat import render_chat
+    from training.sft_data import IGNORE_INDEX, tokenize_messages
+
+    tok = AutoTokenizer.from_pretrained(family_models[family])
+    for seed in range(3):
+        msgs = make_rows(1, seed=seed)[0]["messages"]
+        ex = tokenize_messages(tok, msgs, max_length=256)
+        first = next(i for i, t in enumerate(ex.labels) if t != IGNORE_INDEX)
+        served = tok(render_chat(tok, msgs[:-1], add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        assert ex.input_ids[:first] == served, (family, tok.decode(ex.input_ids[:first])[-40:], tok.decode(served)[-40:])
+    backend = HFBackend(family_models[family], device="cpu", dtype="float32", batch_size=1)
+    out = backend.generate([Request(messages=msgs[:-1])], SamplingParams(temperature=0.0, max_tokens=2))
+    assert out[0].prompt_tokens == first
+
+
 # ================================================================ train -> export -> load -> serve
 def _train_family(family: str, base: str, data: str, out: str, zero: int, workers: int) -> str:
     from ray_jobs.train import main

@@ -60,7 +60,7 @@ def test_every_job_is_a_library_run_returning_a_manifest(job):
 
 def test_no_long_functions():
     long = [f"{path}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)"
-            for path, tree in python_files("pipeline", "ray_jobs") for n in ast.walk(tree)
+            for path, tree in python_files("pipeline", "training", "ray_jobs") for n in ast.walk(tree)
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES]
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines (split them by meaning):\n" + "\n".join(long)
 
@@ -69,7 +69,7 @@ def test_an_import_inside_a_function_says_why_it_is_lazy():
     """Imports sit at module top, except optional or heavy dependencies needed only at run time, each with a
     ``# lazy: <reason>`` comment on its line or the line above."""
     unexplained = []
-    for path, tree in python_files("pipeline", "ray_jobs"):
+    for path, tree in python_files("pipeline", "training", "ray_jobs"):
         if path in LAZY_IMPORT_EXEMPT:
             continue
         lines = open(os.path.join(REPO, path), encoding="utf-8").read().splitlines()

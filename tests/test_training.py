@@ -228,6 +228,65 @@ def test_deepspeed_config_builder():
     assert resolve_precision("bf16", use_gpu=False) == "fp32"
 
 
+STUDENTS = """
+model: {build_tiny: true, tiny: {hidden_size: 64, num_layers: 2}}
+schedule: {max_steps: 300}
+data: {max_length: 256}
+output: {dir: /r/train, checkpoint_dir: /r/ckpt, run_name: students}
+runs:
+  - {name: s_dt, data: {train_path: /s/all/train}}
+  - {name: s_dr, data: {train_path: /s/correct/train}, schedule: {max_steps: 200}, output_dir: /x/dr,
+     model: {tiny: {hidden_size: 32}}}
+"""
+
+
+def test_several_models_share_the_job_and_inherit_defaults():
+    import yaml
+
+    from pipeline.config import ConfigError, load_config
+    from training.config import TrainConfig
+
+    cfg = TrainConfig.model_validate(yaml.safe_load(STUDENTS))
+    assert cfg.several and cfg.data is None and cfg.model is None
+    dt, dr = cfg.model_runs()
+    assert (dt.output.run_name, dt.output.dir, dt.data.train_path) == ("s_dt", "/r/train/s_dt", "/s/all/train")
+    assert (dr.output.run_name, dr.output.dir, dr.data.train_path) == ("s_dr", "/x/dr", "/s/correct/train")
+    assert dt.schedule.max_steps == 300 and dr.schedule.max_steps == 200  # a default, and its override
+    assert dt.data.max_length == dr.data.max_length == 256 and dr.model.build_tiny  # merged key by key
+    assert (dt.model.tiny.hidden_size, dr.model.tiny.hidden_size, dr.model.tiny.num_layers) == (64, 32, 2)
+    assert not dt.several and dt.output.checkpoint_dir == "/r/ckpt" and dt.deepspeed == cfg.deepspeed
+
+    single = _cfg()
+    assert not single.several and single.model_runs() == [single]
+    base = ["output.checkpoint_dir=/c", "model.build_tiny=true"]
+    with pytest.raises(ConfigError, match="names must be unique"):
+        load_config(TrainConfig, None, base + ["output.dir=/o", "runs=[{name: a, data: {train_path: /a}}, {name: a, data: {train_path: /b}}]"])
+    with pytest.raises(ConfigError, match="runs.0.output_dir"):
+        load_config(TrainConfig, None, base + ["runs=[{name: a, data: {train_path: /a}}]"])
+    with pytest.raises(ConfigError, match="runs.0.data.train_pth"):
+        load_config(TrainConfig, None, base + ["output.dir=/o", "runs=[{name: a, data: {train_pth: /a}}]"])
+    with pytest.raises(ConfigError, match="data: missing required field"):
+        load_config(TrainConfig, None, base + ["output.dir=/o"])
+
+
+def test_an_exported_model_is_skipped_only_for_the_same_config(tmp_path):
+    """A re-run skips a model whose output holds a complete manifest of the same config; Ray and
+    failure settings do not count, anything that changes the model does."""
+    import time
+
+    from pipeline.manifest import write_manifest
+    from training.job import already_trained
+
+    cfg = _cfg(**{"output.dir": str(tmp_path / "m"), "schedule.max_steps": 10}).with_absolute_paths()
+    assert not already_trained(cfg)
+    write_manifest(cfg.output.dir, "train", cfg, inputs={}, counts={}, started_at=time.time())
+    assert already_trained(cfg)
+    assert already_trained(cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"num_cpus": 7})}))
+    assert not already_trained(cfg.model_copy(update={"schedule": cfg.schedule.model_copy(update={"max_steps": 20})}))
+    write_manifest(cfg.output.dir, "generate", cfg, inputs={}, counts={}, started_at=time.time())
+    assert not already_trained(cfg)
+
+
 def test_weights_only_loads_refuses_arbitrary_pickles(tmp_path):
     import torch
 
@@ -369,3 +428,59 @@ def test_worker_crash_resumes_from_s3_checkpoint(ray_cluster, s3_bucket, sft_dat
     assert storage.exists(f"{out}/model/model.safetensors")
     assert any("checkpoint_00000006" in p for p in storage.list_files(f"{out}/checkpoints/run"))
     _generates(f"{out}/model")
+
+
+@pytest.mark.slow
+def test_one_job_trains_several_models_and_resumes_each(ray_cluster, sft_data, tmp_path):
+    """Two students in one worker group: a crash in the second restarts the group, which skips the
+    finished first (its final checkpoint covers its steps) and resumes the second at its checkpoint;
+    a re-run trains nothing; a longer schedule for one model resumes only that one."""
+    import yaml
+
+    from pipeline import storage
+    from training.callbacks import CrashAtStep
+    from training.config import TrainConfig
+    from training.job import run
+
+    train, val = sft_data
+    out, marker = str(tmp_path), str(tmp_path / "crashed")
+
+    def config(b_steps: int) -> TrainConfig:
+        return TrainConfig.model_validate(yaml.safe_load(f"""
+            ray: {{num_cpus: 2}}
+            data: {{train_path: {train}, max_length: 128}}
+            model: {{build_tiny: true, tiny: {{vocab_size: 400, hidden_size: 32, num_layers: 1, num_heads: 4, max_positions: 256}}}}
+            deepspeed: {{micro_batch_size: 4, precision: fp32}}
+            optim: {{lr: 3.0e-3, warmup_steps: 1, scheduler: constant}}
+            schedule: {{epochs: 2, checkpoint_every_steps: 2, log_every_steps: 1}}
+            scaling: {{num_workers: 2}}
+            failure: {{max_failures: 1}}
+            output: {{dir: {out}/students, checkpoint_dir: {out}/checkpoints, run_name: students, num_checkpoints_to_keep: 1}}
+            runs:
+              - {{name: a, schedule: {{max_steps: 4}}}}
+              - {{name: b, data: {{validation_path: {val}}}, schedule: {{max_steps: {b_steps}}}, model: {{tiny: {{hidden_size: 48}}}}}}
+        """))
+
+    summary = run(config(6), callbacks=[CrashAtStep(5, marker, model="b")]).to_dict()
+    assert os.path.exists(marker), "the test hook did not crash a worker"
+    assert [m["model"] for m in summary["models"]] == ["a", "b"] and [m["steps"] for m in summary["models"]] == [4, 6]
+    a, b = (storage.read_json(f"{out}/students/{n}/manifest.json") for n in "ab")
+    assert {h["start_step"] for h in a["history"]} == {0} and a["history"][-1]["step"] == 4  # trained once, never again
+    steps, starts = [h["step"] for h in b["history"]], [h["start_step"] for h in b["history"]]
+    # resumed at a saved checkpoint (step 4, or 2 when the crash beat the controller to registering step 4's report)
+    assert steps == sorted(steps) and steps[-1] == 6 and starts[0] == 0 and starts[-1] in (2, 4)
+    assert math.isfinite(b["metrics"]["val_loss"]) and a["metrics"]["val_loss"] is None
+    assert a["config"]["output"]["run_name"] == "a" and b["config"]["model"]["tiny"]["hidden_size"] == 48
+    assert "a-checkpoint_00000004" in a["checkpoint"] and "b-checkpoint_00000006" in b["checkpoint"]
+    assert storage.exists(a["checkpoint"]) and storage.exists(b["checkpoint"])  # each model keeps its final one
+    for n in "ab":
+        assert storage.exists(f"{out}/checkpoints/{n}-base_model/config.json")
+        _generates(f"{out}/students/{n}")
+
+    again = run(config(6)).to_dict()  # everything exported with this config: nothing trains, nothing is rewritten
+    assert [m["steps"] for m in again["models"]] == [4, 6]
+    assert storage.read_json(f"{out}/students/b/manifest.json")["started_at"] == b["started_at"]
+
+    run(config(8))  # a longer schedule for b only: a is skipped, b resumes from its final checkpoint
+    a2, b2 = (storage.read_json(f"{out}/students/{n}/manifest.json") for n in "ab")
+    assert a2 == a and b2["counts"]["steps"] == 8 and b2["history"][-1]["start_step"] == 6

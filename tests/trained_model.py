@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import random
 
-from pipeline.backends.hf_local import render_prompt
+from pipeline.chat import render_chat
 from pipeline.backends.reference import gold_pairs
 from pipeline.data import SourceConfig, load_questions
 from pipeline.parsing import format_subquestions
@@ -50,7 +50,7 @@ def train_two_stage_model(out_dir: str, steps: int = 300, batch: int = 8, lr: fl
     model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
     sequences = []
     for msgs, reply in examples:
-        prompt = tok(render_prompt(tok, msgs), add_special_tokens=False)["input_ids"]
+        prompt = tok(render_chat(tok, msgs), add_special_tokens=False)["input_ids"]
         target = tok(reply, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         sequences.append((prompt + target, [-100] * len(prompt) + target))
     torch.manual_seed(seed)

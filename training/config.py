@@ -3,15 +3,36 @@
 Every section forbids unknown keys (``pipeline.config.Strict``), so a typo fails before
 Ray starts. Override any key from the command line, e.g.
 ``python -m ray_jobs.train --config configs/train.yaml deepspeed.zero_stage=3``.
+
+One job trains one model (``data``, ``model``, ``output.dir``), or several, one after another
+in one Ray Train worker group (``runs:``, e.g. the paper's four students), sharing the start-up
+of Ray Train and DeepSpeed. With ``runs`` the top-level ``data``, ``model``, ``optim``,
+``schedule``, ``resume_from`` and ``seed`` are defaults that each entry overrides key by key;
+``ray``, ``deepspeed``, ``scaling``, ``failure`` and ``output.checkpoint_dir`` are shared::
+
+    model: {build_tiny: true, tiny: {hidden_size: 96, num_layers: 2}}
+    schedule: {max_steps: 300}
+    output: {dir: runs/train, checkpoint_dir: runs/train/checkpoints, run_name: students}
+    runs:
+      - {name: s_dt, data: {train_path: runs/select/decomposer_all/train}}
+      - {name: s_dr, data: {train_path: runs/select/decomposer_correct/train}, schedule: {max_steps: 200}}
+
+:meth:`TrainConfig.model_runs` gives each model as a one-model ``TrainConfig`` (what the
+recipe trains and what its manifest records).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, model_validator
 
-from pipeline.config import RayConfig, Strict
+from pipeline import storage
+from pipeline.config import RayConfig, Strict, deep_merge
+
+# Sections a model of a several-model job may set for itself (the rest is shared by the job).
+PER_MODEL_KEYS = ("data", "model", "optim", "schedule", "resume_from", "seed")
 
 
 class TrainDataConfig(Strict):
@@ -116,10 +137,25 @@ class ScalingSection(Strict):
 
 
 class TrainOutputConfig(Strict):
-    dir: str = Field(..., description="Where the final Hugging Face model + manifest.json go (local or s3://).")
+    dir: Optional[str] = Field(None, description="Where the final Hugging Face model + manifest.json go (local or s3://); "
+                               "with runs: the folder holding <name>/ of every run that sets no output_dir.")
     checkpoint_dir: str = Field(..., description="Ray Train storage_path for checkpoints (local or s3://; shared storage on multi-node).")
-    run_name: str = Field("train", description="Re-running with the same run_name + checkpoint_dir resumes from its latest checkpoint.")
-    num_checkpoints_to_keep: int = Field(2, ge=1)
+    run_name: str = Field("train", description="The Ray Train run (checkpoints in checkpoint_dir/run_name). Re-running with the "
+                          "same run_name + checkpoint_dir resumes from its latest checkpoint (each model of runs from its own).")
+    num_checkpoints_to_keep: int = Field(2, ge=1, description="Latest checkpoints kept; with runs, plus each model's final one.")
+
+
+class TrainRunConfig(Strict):
+    """One model of a job that trains several (``runs:``); unset sections come from the top level."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="The model's name: its checkpoints, base model and manifest use it.")
+    output_dir: Optional[str] = Field(None, description="Its exported model + manifest.json (default: <output.dir>/<name>).")
+    data: TrainDataConfig
+    model: TrainModelConfig
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    resume_from: Optional[str] = Field(None, description="A checkpoint of an earlier run to start from when this model has none.")
+    seed: int = 0
 
 
 class TrainFailureConfig(Strict):
@@ -128,8 +164,8 @@ class TrainFailureConfig(Strict):
 
 class TrainConfig(Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
-    data: TrainDataConfig
-    model: TrainModelConfig
+    data: Optional[TrainDataConfig] = Field(None, description="The training data (required unless runs lists the models).")
+    model: Optional[TrainModelConfig] = Field(None, description="The model (required unless runs lists the models).")
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
@@ -140,25 +176,74 @@ class TrainConfig(Strict):
         None, description="A checkpoint directory (local or s3://) of an earlier run to start from when this run has none."
     )
     seed: int = 0
+    runs: list[TrainRunConfig] = Field(default_factory=list, description="Several models trained one after another in one "
+                                       "worker group; the top-level per-model sections are their defaults.")
 
-    def with_absolute_paths(self) -> "TrainConfig":
-        """Resolve local paths (workers may run in another cwd); storage URLs (s3://...) are kept."""
-        from pipeline import storage
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_under_runs(cls, data: Any) -> Any:
+        """With ``runs``, the top-level per-model sections become each entry's defaults."""
+        if not isinstance(data, dict) or not data.get("runs") or not isinstance(data["runs"], list):
+            return data
+        data = dict(data)
+        defaults = {k: data.pop(k) for k in PER_MODEL_KEYS if k in data}
+        data["runs"] = [deep_merge(defaults, r) if isinstance(r, dict) else r for r in data["runs"]]
+        return data
 
-        def fix(p: Optional[str]) -> Optional[str]:
-            return p if not p or not storage.is_local(p) else storage.localize(p)
-
-        data = self.data.model_copy(update={"train_path": fix(self.data.train_path), "validation_path": fix(self.data.validation_path)})
-        output = self.output.model_copy(update={"dir": fix(self.output.dir), "checkpoint_dir": fix(self.output.checkpoint_dir)})
-        return self.model_copy(update={"data": data, "output": output, "resume_from": fix(self.resume_from)})
+    @model_validator(mode="after")
+    def _one_model_or_runs(self) -> "TrainConfig":
+        if not self.runs:
+            for key, value in (("data", self.data), ("model", self.model), ("output.dir", self.output.dir)):
+                if value is None:
+                    raise ValueError(f"{key}: missing required field (or list the models to train under runs)")
+            return self
+        names = [r.name for r in self.runs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"runs: names must be unique, got {names}")
+        for i, r in enumerate(self.runs):
+            if r.output_dir is None and self.output.dir is None:
+                raise ValueError(f"runs.{i}.output_dir: set it, or output.dir as the folder of every run's export")
+        return self
 
     @model_validator(mode="after")
     def _qlora_needs_a_gpu(self) -> "TrainConfig":
-        lora = self.model.lora
-        if lora is not None and lora.qlora:
+        for model in [self.model] + [r.model for r in self.runs]:
+            lora = model.lora if model is not None else None
+            if lora is None or not lora.qlora:
+                continue
             if not self.scaling.use_gpu:
                 raise ValueError("model.lora.qlora (4-bit bitsandbytes) needs a GPU: set scaling.use_gpu=true, "
                                  "or model.lora.qlora=false for plain LoRA on CPU")
             if self.deepspeed.zero_stage == 3:
                 raise ValueError("model.lora.qlora works with deepspeed.zero_stage 0-2 (4-bit weights are not partitioned)")
         return self
+
+    # ---------------------------------------------------------------- the models of the job
+    @property
+    def several(self) -> bool:
+        """Whether this job trains several models (``runs``)."""
+        return bool(self.runs)
+
+    def model_runs(self) -> list["TrainConfig"]:
+        """Every model of the job as a one-model config (this config itself when it has no runs)."""
+        return [self.for_run(r) for r in self.runs] if self.runs else [self]
+
+    def for_run(self, run: TrainRunConfig) -> "TrainConfig":
+        out_dir = run.output_dir or storage.join(self.output.dir, run.name)
+        output = self.output.model_copy(update={"dir": out_dir, "run_name": run.name})
+        return self.model_copy(update={"data": run.data, "model": run.model, "optim": run.optim, "schedule": run.schedule,
+                                       "resume_from": run.resume_from, "seed": run.seed, "output": output, "runs": []})
+
+    def with_absolute_paths(self) -> "TrainConfig":
+        """Resolve local paths (workers may run in another cwd); remote (s3://) paths are kept."""
+        def fix(p: Optional[str]) -> Optional[str]:
+            return p if not p or not storage.is_local(p) else storage.localize(p)
+
+        def fix_data(d: Optional[TrainDataConfig]) -> Optional[TrainDataConfig]:
+            return d and d.model_copy(update={"train_path": fix(d.train_path), "validation_path": fix(d.validation_path)})
+
+        runs = [r.model_copy(update={"data": fix_data(r.data), "output_dir": fix(r.output_dir), "resume_from": fix(r.resume_from)})
+                for r in self.runs]
+        output = self.output.model_copy(update={"dir": fix(self.output.dir), "checkpoint_dir": fix(self.output.checkpoint_dir)})
+        return self.model_copy(update={"data": fix_data(self.data), "output": output, "resume_from": fix(self.resume_from),
+                                       "runs": runs})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 from pipeline.config import deep_merge
@@ -20,14 +21,12 @@ def resolve_precision(precision: str, use_gpu: bool, bf16_supported: bool = Fals
 
 def fused_adam_available() -> bool:
     """Whether DeepSpeed's FusedAdam can be used here: prebuilt, or JIT-buildable (nvcc + ninja)."""
-    import shutil
-
     try:
-        from deepspeed.git_version_info import installed_ops
+        from deepspeed.git_version_info import installed_ops  # lazy: DeepSpeed loads only in workers
 
         if installed_ops.get("fused_adam"):
             return True
-        from deepspeed.ops.op_builder import FusedAdamBuilder
+        from deepspeed.ops.op_builder import FusedAdamBuilder  # lazy: DeepSpeed loads only in workers
 
         return bool(FusedAdamBuilder().is_compatible(verbose=False) and shutil.which("nvcc") and shutil.which("ninja"))
     except Exception:

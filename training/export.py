@@ -14,13 +14,21 @@ loading the pickles with ``torch.load(weights_only=True)`` (see :func:`weights_o
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import shutil
 import tempfile
 from typing import Any, Iterator, Optional
 
+import pyarrow.fs as pafs
+import torch
+import torch.distributed as dist
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
 from pipeline import storage
+from pipeline.chat import render_chat
+from training import lora
 
 HF_SUBDIR = "hf_model"
 
@@ -28,27 +36,26 @@ HF_SUBDIR = "hf_model"
 # ---------------------------------------------------------------- safe torch.load
 def _deepspeed_safe_globals() -> list[Any]:
     """Non-tensor classes DeepSpeed pickles into its checkpoints (allow-listed for weights_only)."""
+    # lazy: DeepSpeed picks its accelerator at import (training.engine.choose_accelerator first)
     out: list[Any] = []
     try:
-        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.runtime.zero.config import ZeroStageEnum  # lazy: see above
 
         out.append(ZeroStageEnum)
     except Exception:  # pragma: no cover - optional across DeepSpeed versions
         pass
     try:
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # lazy: see above
 
         out.extend([LossScaler, DynamicLossScaler])
     except Exception:  # pragma: no cover
         pass
     try:
-        from deepspeed.utils.tensor_fragment import fragment_address
+        from deepspeed.utils.tensor_fragment import fragment_address  # lazy: see above
 
         out.append(fragment_address)
     except Exception:  # pragma: no cover
         pass
-    import collections
-
     out.extend([collections.OrderedDict, collections.defaultdict, dict, list, set, tuple])
     return out
 
@@ -58,8 +65,6 @@ def weights_only_loads() -> Iterator[None]:
     """Force ``torch.load(weights_only=True)`` inside the block, even where a library passes
     ``weights_only=False`` (DeepSpeed does), allow-listing DeepSpeed's own plain classes. A
     checkpoint holding anything else fails to load instead of running arbitrary pickle code."""
-    import torch
-
     old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
@@ -75,8 +80,6 @@ def weights_only_loads() -> Iterator[None]:
 # ---------------------------------------------------------------- in the workers
 def gather_state_dict(engine) -> Optional[dict[str, Any]]:
     """Full weights on CPU on global rank 0 (``None`` elsewhere). Collective: call on every rank."""
-    import torch.distributed as dist
-
     rank = dist.get_rank() if dist.is_initialized() else 0
     if engine.zero_optimization_partition_weights():  # ZeRO-3
         return engine._zero3_consolidated_16bit_state_dict()
@@ -100,14 +103,10 @@ def export_from_checkpoint(checkpoint, dest: str, merge_lora: bool = False, dtyp
     """Copy ``hf_model/`` of a Ray Train checkpoint (local or remote) to ``dest`` (local or s3://).
 
     ``merge_lora``: the folder is a LoRA adapter; write base + adapter merged instead."""
-    import pyarrow.fs as pafs
-
     src_fs, src_path = checkpoint.filesystem, checkpoint.path.rstrip("/") + "/" + HF_SUBDIR
     if src_fs.get_file_info(src_path).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"checkpoint {checkpoint.path} has no {HF_SUBDIR}/ (training did not finish?)")
     if merge_lora:
-        from training import lora
-
         adapter = tempfile.mkdtemp(prefix="divconq-adapter-")
         try:
             pafs.copy_files(src_path, adapter, source_filesystem=src_fs, destination_filesystem=pafs.LocalFileSystem())
@@ -122,7 +121,7 @@ def export_from_checkpoint(checkpoint, dest: str, merge_lora: bool = False, dtyp
 
 def state_dict_from_deepspeed_checkpoint(checkpoint_dir: str, tag: Optional[str] = None) -> dict[str, Any]:
     """fp32 weights from a (ZeRO-1/2/3) DeepSpeed checkpoint folder, loaded weights-only."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # lazy: accelerator, as above
 
     with weights_only_loads():
         return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
@@ -130,8 +129,6 @@ def state_dict_from_deepspeed_checkpoint(checkpoint_dir: str, tag: Optional[str]
 
 def export_deepspeed_checkpoint(checkpoint_dir: str, base_model_dir: str, dest: str, tag: Optional[str] = None) -> str:
     """Offline export of any DeepSpeed checkpoint to an HF dir at ``dest`` (local or s3://)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     base = storage.localize(base_model_dir)
     state_dict = state_dict_from_deepspeed_checkpoint(checkpoint_dir, tag)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
@@ -155,19 +152,11 @@ def write_hf_dir(write, dest: str) -> str:
 
 def smoke_generate(model_dir: str, messages: list[dict[str, str]], max_new_tokens: int = 16) -> str:
     """Load an exported dir with ``AutoModelForCausalLM``/``AutoTokenizer`` and greedily generate."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     local = storage.localize(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(local)
     model = AutoModelForCausalLM.from_pretrained(local)
     model.eval()
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    else:
-        from training.sft_data import render_fallback
-
-        text = render_fallback(messages, add_generation_prompt=True)
+    text = render_chat(tokenizer, messages, add_generation_prompt=True)
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)

@@ -1,10 +1,14 @@
-"""The train job as a library call: ``run(cfg: TrainConfig) -> Manifest`` (``divconq train`` and
-``python -m ray_jobs.train`` are thin shells over it).
+"""The ``train`` job: ``run(cfg) -> manifest``, callable in-process (``ray_jobs/train.py`` is its CLI).
 
-Recipe: config -> Ray -> base model (tiny built from the training text, or any HF causal
-LM) -> TorchTrainer(DeepSpeed loop, checkpoints + fault tolerance) -> export the final
-Hugging Face model -> manifest.json. Re-running with the same output.checkpoint_dir and
-output.run_name resumes from the run's latest checkpoint.
+config -> Ray -> each model's base model (a tiny one built from its training text, or any HF causal
+LM, staged next to the checkpoints) -> one ``TorchTrainer`` whose workers run
+:func:`training.recipe.recipe_main` over every model still to train -> export each model's final
+Hugging Face folder to its ``output.dir`` -> one ``manifest.json`` per model.
+
+A model whose ``output.dir`` already holds a complete manifest of the same configuration is
+skipped (not even loaded); when no model is left, Ray Train does not start. Re-running with the
+same ``output.checkpoint_dir`` and ``output.run_name`` resumes each unfinished model at its latest
+checkpoint.
 """
 
 from __future__ import annotations
@@ -14,13 +18,76 @@ import os
 import shutil
 import tempfile
 import time
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-from pipeline import storage
+from huggingface_hub import snapshot_download
+from pydantic import ValidationError
+
+from pipeline import storage, tables
+from pipeline.config import config_to_dict
 from pipeline.cluster import init_ray
-from pipeline.manifest import Manifest, write_manifest
+from pipeline.manifest import Manifest, read_manifest, write_manifest
+from pipeline.tiny_models import build_tiny_model
 from training.config import TrainConfig
 
+if TYPE_CHECKING:
+    from training.callbacks import Callback
+    from training.recipe import JobPlan, ModelPlan
+
+# The worker-side modules (training.recipe, callbacks, checkpointing, export, sft_data) import Ray Train,
+# torch, transformers and DeepSpeed: they are imported inside the functions that train, so that
+# `divconq train` validates its config in a fraction of a second (tests/test_structure.py).
+
 log = logging.getLogger("divconq.train")
+
+# Config sections that do not change what a model learns (a re-run may change them and still skip it).
+_NOT_IN_FINGERPRINT = ("ray", "failure")
+
+
+def run(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> Manifest:
+    """Train every model of ``cfg``; returns the manifest (one model) or a summary of the models."""
+    started = time.time()
+    cfg = cfg.with_absolute_paths()
+    models = cfg.model_runs()
+    todo = []
+    for i, m in enumerate(models):
+        if already_trained(m):
+            log.info("train %s: already trained and exported to %s, skipped", m.output.run_name, m.output.dir)
+        else:
+            todo.append((i, m))
+    if todo:
+        from training.callbacks import ProgressLog, test_callbacks_from_env  # lazy: worker side (see the note above)
+        from training.recipe import JobPlan, ModelPlan  # lazy: worker side (see the note above)
+
+        timings = {"ray_init_s": _seconds(init_ray, cfg.ray)[1]}
+        plans, timings["base_model_s"] = _seconds(lambda: [ModelPlan(m, prepare_base_model(m), index=i) for i, m in todo])
+        callbacks = [ProgressLog(), *callbacks, *test_callbacks_from_env()]
+        job_plan = JobPlan(plans, several=cfg.several, callbacks=callbacks)
+        result, timings["fit_s"] = _seconds(_fit, cfg, job_plan, len(models))
+        for plan in plans:
+            _finish_model(plan, result, cfg.several, started, timings)
+    manifests = [read_manifest(m.output.dir) for m in models]
+    return Manifest.model_validate(manifests[0]) if not cfg.several else _job_summary(cfg, manifests, started)
+
+
+def fingerprint(cfg: TrainConfig) -> dict[str, Any]:
+    """What decides a model's result: its one-model config without Ray and failure settings."""
+    data = config_to_dict(cfg)
+    for key in _NOT_IN_FINGERPRINT:
+        data.pop(key, None)
+    return data
+
+
+def already_trained(cfg: TrainConfig) -> bool:
+    """A complete manifest of the same configuration in the model's ``output.dir``."""
+    manifest = read_manifest(cfg.output.dir)
+    if not manifest or manifest.get("job") != "train" or manifest.get("status") != "complete":
+        return False
+    try:
+        done = TrainConfig.model_validate(manifest.get("config"))
+    except ValidationError:  # written by another version of the schema: train (resuming) to be sure
+        return False
+    return fingerprint(done) == fingerprint(cfg)
 
 
 def prepare_base_model(cfg: TrainConfig) -> str:
@@ -33,21 +100,19 @@ def prepare_base_model(cfg: TrainConfig) -> str:
         if os.path.isdir(os.path.expanduser(name)):
             return os.path.abspath(os.path.expanduser(name))
     dest = storage.join(cfg.output.checkpoint_dir, f"{cfg.output.run_name}-base_model")
-    if storage.exists(storage.join(dest, "config.json")):  # staged by an earlier run of this run_name
+    if storage.exists(storage.join(dest, "config.json")):  # staged by an earlier run of this model
         return dest
     if not cfg.model.build_tiny:
-        from huggingface_hub import snapshot_download  # hub name: fetch once on the driver, then put it
-
-        # in the run's storage, which every node (and a resumed run) can read; a driver-local cache is not
+        # a hub name: fetched once on the driver into the run's storage, which every node (and a
+        # resumed run) can read; a driver-local cache is not
         storage.copy_dir(snapshot_download(name), dest)
         return dest
-    from pipeline.tiny_models import build_tiny_model
-    from training.sft_data import corpus_from_rows, read_rows
+    from training.sft_data import corpus_from_rows, read_conversations  # lazy: worker side (torch; see the note above)
 
     t = cfg.model.tiny
     tmp = tempfile.mkdtemp(prefix="divconq-tiny-")
     try:
-        texts = corpus_from_rows(read_rows(cfg.data.train_path))
+        texts = corpus_from_rows(read_conversations(cfg.data.train_path))
         build_tiny_model(tmp, texts, arch=t.arch, vocab_size=t.vocab_size, hidden_size=t.hidden_size,
                          num_layers=t.num_layers, num_heads=t.num_heads,
                          max_positions=max(t.max_positions, cfg.data.max_length), seed=cfg.seed)
@@ -57,69 +122,74 @@ def prepare_base_model(cfg: TrainConfig) -> str:
     return dest
 
 
-def run(cfg: TrainConfig) -> Manifest:
-    """The train job: distill into a student (DeepSpeed on Ray Train), export it to ``cfg.output.dir``
-    with its manifest. A rerun with the same checkpoint_dir and run_name resumes its latest checkpoint."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+def _fit(cfg: TrainConfig, plan: JobPlan, num_models: int):
+    """One Ray Train run (``output.run_name``) for every model of the plan."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig  # lazy: Ray Train (see the note above)
+    from ray.train.torch import TorchConfig, TorchTrainer  # lazy: Ray Train (see the note above)
 
-    from training.export import export_from_checkpoint
-    from training.sft_data import count_rows
-    from training.train_loop import read_trainer_state, train_loop_per_worker
-
-    started = time.time()
-    cfg = cfg.with_absolute_paths()
-    init_ray(cfg.ray)
-    base_model = prepare_base_model(cfg)
-    log.info("train: base model %s", base_model)
+    from training.checkpointing import checkpoint_config  # lazy: worker side (see the note above)
+    from training.recipe import recipe_main  # lazy: worker side (see the note above)
 
     fs, storage_path = storage.arrow_filesystem(cfg.output.checkpoint_dir)
+    s = cfg.scaling
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "train_config": cfg.model_dump(mode="json"),
-            "base_model": base_model,
-            "resume_from": cfg.resume_from,
-            "test_hooks": {k: v for k, v in os.environ.items() if k.startswith("DIVCONQ_TEST_")},
-        },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker},
-        ),
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        recipe_main,
+        train_loop_config={"plan": plan},
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                     resources_per_worker={"CPU": s.cpus_per_worker, **s.resources_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         run_config=RunConfig(
             name=cfg.output.run_name,
             storage_path=storage_path,
             storage_filesystem=fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.output.num_checkpoints_to_keep),
+            checkpoint_config=checkpoint_config(cfg.output.num_checkpoints_to_keep, num_models),
             failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
         ),
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise ValueError("training produced no checkpoint")
-    lora = cfg.model.lora
-    export_from_checkpoint(result.checkpoint, cfg.output.dir, merge_lora=bool(lora and lora.export == "merged"))
-    trainer_state = read_trainer_state(result.checkpoint)
+    plan.started_at = time.time()
+    return trainer.fit()
 
-    metrics = dict(result.metrics or {})
-    final = {k: metrics.get(k) for k in ("loss", "val_loss", "lr", "step", "epoch", "tokens", "tokens_per_s", "truncated_rows")}
+
+def _seconds(fn, *args: Any) -> tuple[Any, float]:
+    start = time.time()
+    out = fn(*args)
+    return out, round(time.time() - start, 3)
+
+
+def _finish_model(plan: ModelPlan, result, several: bool, started: float, job_timings: dict[str, float]) -> dict[str, Any]:
+    """Export the model's final checkpoint to its ``output.dir`` and write its manifest."""
+    from training.checkpointing import latest_of, read_trainer_state  # lazy: worker side (see the note above)
+    from training.export import export_from_checkpoint  # lazy: torch, transformers (see the note above)
+
+    cfg, name = plan.cfg, plan.cfg.output.run_name
+    final = latest_of(name, list(result.best_checkpoints or []), several, final_only=True)
+    if final is None:
+        raise ValueError(f"training {name} produced no final checkpoint")
+    checkpoint, metrics = final
+    export_start = time.time()
+    lora = cfg.model.lora
+    export_from_checkpoint(checkpoint, cfg.output.dir, merge_lora=bool(lora and lora.export == "merged"))
+    state = read_trainer_state(checkpoint)
+    timings = {**state.timings, "driver_export_s": round(time.time() - export_start, 3), "job": job_timings}
+    keys = ("loss", "val_loss", "lr", "step", "epoch", "tokens", "tokens_per_s", "elapsed_s", "cpu_s", "truncated_rows")
+    final_metrics = {k: metrics.get(k) for k in keys}
     manifest = write_manifest(
-        cfg.output.dir,
-        "train",
-        cfg,
-        inputs={"train_path": cfg.data.train_path, "validation_path": cfg.data.validation_path, "base_model": base_model},
-        counts={
-            "train_rows": count_rows(cfg.data.train_path),
-            "val_rows": count_rows(cfg.data.validation_path),
-            "truncated_rows": int(metrics.get("truncated_rows") or 0),
-            "steps": int(metrics.get("step") or 0),
-        },
-        started_at=started,
-        usage={"train_tokens": metrics.get("tokens")},
-        extra={"metrics": final, "history": trainer_state.get("history", []), "checkpoint": str(result.checkpoint.path),
-               "model_dir": cfg.output.dir},
+        cfg.output.dir, "train", cfg,
+        inputs={"train_path": cfg.data.train_path, "validation_path": cfg.data.validation_path, "base_model": plan.base_model},
+        counts={"train_rows": tables.count_rows(cfg.data.train_path), "val_rows": tables.count_rows(cfg.data.validation_path),
+                "truncated_rows": int(metrics.get("truncated_rows") or 0), "steps": int(metrics.get("step") or 0)},
+        started_at=started, usage={"train_tokens": metrics.get("tokens")},
+        extra={"model": name, "metrics": final_metrics, "history": state.history, "timings": timings,
+               "checkpoint": str(checkpoint.path), "model_dir": cfg.output.dir},
     )
-    log.info("train: step %s loss %.4f val_loss %s -> %s", final["step"], final["loss"] or float("nan"), final["val_loss"], cfg.output.dir)
+    log.info("train %s: step %s loss %.4f val_loss %s -> %s", name, final_metrics["step"], final_metrics["loss"] or float("nan"),
+             final_metrics["val_loss"], cfg.output.dir)
     return manifest
+
+
+def _job_summary(cfg: TrainConfig, manifests: list[Optional[dict[str, Any]]], started: float) -> Manifest:
+    """A several-model job's result: every model's manifest entry (also written to ``output.dir`` when set)."""
+    models = [{"model": m["model"], "model_dir": m["model_dir"], "steps": m["counts"]["steps"], "metrics": m["metrics"],
+               "timings": m.get("timings", {})} for m in manifests if m]
+    summary = Manifest.of("train", cfg, inputs={}, counts={"models": len(models)}, started_at=started, extra={"models": models})
+    return summary.write(cfg.output.dir) if cfg.output.dir else summary

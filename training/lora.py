@@ -14,12 +14,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 from typing import Any, Optional
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from pipeline import storage
+
 
 def peft_config(section):
-    from peft import LoraConfig, TaskType
+    from peft import LoraConfig, TaskType  # lazy: peft costs ~2 s of import per worker; only LoRA runs use it
 
     targets = section.target_modules if isinstance(section.target_modules, str) else list(section.target_modules)
     return LoraConfig(task_type=TaskType.CAUSAL_LM, r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout,
@@ -28,16 +35,12 @@ def peft_config(section):
 
 def quantization_kwargs(section, compute_dtype) -> dict[str, Any]:
     """``from_pretrained`` kwargs of the 4-bit base (QLoRA); a clear error where it cannot run."""
-    import torch
-
     if not torch.cuda.is_available():
         raise RuntimeError("model.lora.qlora needs a CUDA GPU (bitsandbytes 4-bit); this worker has none")
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes  # noqa: F401  # lazy: an optional GPU extra
     except ImportError as e:
         raise RuntimeError("model.lora.qlora needs bitsandbytes: pip install 'divconq[gpu]'") from e
-    from transformers import BitsAndBytesConfig
-
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=compute_dtype)
     return {"quantization_config": bnb, "device_map": {"": torch.cuda.current_device()}}
@@ -45,7 +48,7 @@ def quantization_kwargs(section, compute_dtype) -> dict[str, Any]:
 
 def wrap(model, section, gradient_checkpointing: bool):
     """``model`` with LoRA adapters; everything else frozen."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training  # lazy: see peft_config
 
     if section.qlora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
@@ -76,9 +79,7 @@ def checkpoint_adapter_only(engine) -> None:
 def gather_adapter(engine, rank: int) -> Optional[dict[str, Any]]:
     """The trainable (adapter) weights on CPU on rank 0, ``None`` elsewhere. Collective: call on
     every rank. ZeRO-3 gathers only these parameters, never the frozen base."""
-    import contextlib
-
-    import deepspeed
+    import deepspeed  # lazy: DeepSpeed picks its accelerator at import (training.engine.choose_accelerator first)
 
     named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     gather = (deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
@@ -106,8 +107,6 @@ def adapter_base_name(model_cfg, staged_base: str) -> str:
     """What the adapter names as its base: the hub name when the run started from one (loadable
     anywhere), else the staged base dir the run trained on (a local dir, or s3://)."""
     name = model_cfg.name_or_path
-    from pipeline import storage
-
     if not model_cfg.build_tiny and name and storage.is_local(name) and not os.path.isdir(os.path.expanduser(name)):
         return name
     return staged_base
@@ -115,14 +114,7 @@ def adapter_base_name(model_cfg, staged_base: str) -> str:
 
 def merge_adapter(adapter_dir: str, out_dir: str, base_model: Optional[str] = None, dtype: str = "float32") -> str:
     """Base + adapter merged into a plain HF model directory at ``out_dir`` (local)."""
-    import json
-
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from pipeline import storage
-
+    from peft import PeftModel  # lazy: see peft_config
     if base_model is None:
         with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
             base_model = json.load(f)["base_model_name_or_path"]

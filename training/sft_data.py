@@ -4,12 +4,13 @@ Rows come from the ``select`` job: Parquet with ``id``, ``question_id``, ``datas
 ``variant`` and ``messages`` (system?, user, assistant; the last, assistant turn is the
 target).
 
-Tokenization uses the model's chat template when it has one (else a plain
-``User: ...\\nAssistant: ...`` rendering). The prompt length is found by rendering
-``messages[:-1]`` with ``add_generation_prompt=True`` and taking the common token prefix
-with the full rendering; every token before it gets label ``-100``. An EOS is appended
-when the target does not already contain one, then the example is truncated to
-``max_length`` (counted; examples with no target token left are dropped and counted).
+Tokenization renders with :func:`pipeline.chat.render_chat`, the renderer serving uses (the
+model's chat template, else a plain ``User: ...\\nAssistant: ...`` transcript). The prompt
+length is found by rendering ``messages[:-1]`` with ``add_generation_prompt=True`` (what a
+served student reads) and taking the common token prefix with the full rendering; every
+token before it gets label ``-100``. An EOS is appended when the target does not already
+contain one, then the example is truncated to ``max_length`` (counted; examples with no
+target token left are dropped and counted).
 
 Data loading choice: each Ray Train worker reads the (small) SFT Parquet with pyarrow,
 tokenizes all of it and builds the *same* seeded batch plan for the epoch, then takes
@@ -23,7 +24,13 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from pipeline import tables
+from pipeline.chat import render_chat
+from pipeline.config import UsageError
 
 IGNORE_INDEX = -100
 
@@ -33,38 +40,16 @@ Batch = list[Row]
 
 
 # ---------------------------------------------------------------- reading
-def read_rows(path: str, columns: Sequence[str] = ("id", "messages")) -> list[dict[str, Any]]:
-    """Read a Parquet file or directory (local or s3://) into a list of dicts."""
-    import pyarrow.dataset as pads
-
-    from pipeline import storage
-
-    fs, inner = storage.arrow_filesystem(path)
-    if not storage.exists(path):
-        raise FileNotFoundError(f"training data not found: {path}")
-    dataset = pads.dataset(inner, filesystem=fs, format="parquet", exclude_invalid_files=False)
-    names = set(dataset.schema.names)
+def read_conversations(path: str) -> list[dict[str, Any]]:
+    """The ``id`` and ``messages`` of every row of a Parquet dataset (local or s3://), in ``id``
+    order (independent of file order); read with :func:`pipeline.tables.read_rows`."""
+    names = tables.column_names(path)
     if "messages" not in names:
-        from pipeline.config import UsageError
-
         raise UsageError(f"{path}: no 'messages' column (found {sorted(names)})")
-    table = dataset.to_table(columns=[c for c in columns if c in names])
-    rows = table.to_pylist()
+    rows = tables.read_rows(path, columns=[c for c in ("id", "messages") if c in names])
     if "id" in names:
-        rows.sort(key=lambda r: str(r["id"]))  # file order independent
+        rows.sort(key=lambda r: str(r["id"]))
     return rows
-
-
-def count_rows(path: Optional[str]) -> int:
-    """Rows of a Parquet dataset (0 for no path), from metadata."""
-    if not path:
-        return 0
-    import pyarrow.dataset as pads
-
-    from pipeline import storage
-
-    fs, inner = storage.arrow_filesystem(path)
-    return pads.dataset(inner, filesystem=fs, format="parquet").count_rows()
 
 
 def corpus_from_rows(rows: Iterable[dict[str, Any]]) -> list[str]:
@@ -73,21 +58,6 @@ def corpus_from_rows(rows: Iterable[dict[str, Any]]) -> list[str]:
 
 
 # ---------------------------------------------------------------- tokenization
-def render_fallback(messages: Sequence[dict[str, str]], add_generation_prompt: bool = False) -> str:
-    names = {"system": "System", "user": "User", "assistant": "Assistant"}
-    text = "".join(f"{names.get(m['role'], m['role'].title())}: {m['content']}\n" for m in messages)
-    if add_generation_prompt:
-        text += "Assistant: "
-    return text
-
-
-def _render(tokenizer, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
-    msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
-    return render_fallback(msgs, add_generation_prompt)
-
-
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -111,10 +81,8 @@ def tokenize_messages(tokenizer, messages: Sequence[dict[str, str]], max_length:
     """One conversation -> ids and labels (-100 everywhere but the final assistant turn)."""
     if not messages or messages[-1]["role"] != "assistant":
         raise ValueError("the last message must be the assistant turn (the target)")
-    full_text = _render(tokenizer, messages, add_generation_prompt=False)
-    prompt_text = _render(tokenizer, messages[:-1], add_generation_prompt=True)
-    if getattr(tokenizer, "chat_template", None) is None:
-        full_text = prompt_text + messages[-1]["content"]
+    full_text = render_chat(tokenizer, messages, add_generation_prompt=False)
+    prompt_text = render_chat(tokenizer, messages[:-1], add_generation_prompt=True)
     ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     prompt_len = _common_prefix(ids, prompt_ids)
@@ -232,8 +200,6 @@ def collate(examples: Sequence[Example], batch: Batch, pad_id: int, pack: bool =
     ``use_cache=False``), so packed examples don't attend to each other; labels keep each
     example's own prompt masking.
     """
-    import torch
-
     ids_rows, label_rows, pos_rows = [], [], []
     for row in batch:
         ids: list[int] = []

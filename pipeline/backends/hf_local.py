@@ -22,6 +22,7 @@ from pydantic import Field
 from pipeline import storage
 from pipeline.backends.base import Backend, Completion, Request, SamplingParams
 from pipeline.config import Strict
+from pipeline.chat import render_chat
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +65,6 @@ def pick_dtype(requested: str, device: str):
     return torch.float32
 
 
-def render_prompt(tokenizer, messages: list[dict]) -> str:
-    """Chat template when the tokenizer has one, else a plain role-prefixed transcript."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-    return "\n".join(lines) + "\nAssistant:"
-
-
 class HFBackend(Backend):
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
                  trust_remote_code: bool = False, max_input_tokens: int = 2048, generation_kwargs: dict | None = None,
@@ -107,7 +100,7 @@ class HFBackend(Backend):
 
     def _generate_chunk(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
         torch = self._torch
-        prompts = [render_prompt(self.tokenizer, r.messages) for r in requests]
+        prompts = [render_chat(self.tokenizer, r.messages) for r in requests]
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
                              max_length=self.prompt_limit, add_special_tokens=False).to(self.device)
         max_pos = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "n_positions", None)
@@ -142,7 +135,7 @@ class HFBackend(Backend):
 
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
         limit = self.prompt_limit
-        lengths = [len(ids) for ids in self.tokenizer([render_prompt(self.tokenizer, r.messages) for r in requests],
+        lengths = [len(ids) for ids in self.tokenizer([render_chat(self.tokenizer, r.messages) for r in requests],
                                                        add_special_tokens=False)["input_ids"]]
         out: list[Completion | None] = [None] * len(requests)
         todo = []

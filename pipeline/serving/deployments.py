@@ -37,10 +37,11 @@ from pipeline import method
 from pipeline.backends import make_backend
 from pipeline.backends.base import BackendUnavailable, Completion, SamplingParams
 from pipeline.backends.base import Request as BackendRequest
-from pipeline.backends.hf_local import HFBackendConfig, render_prompt
+from pipeline.backends.hf_local import HFBackendConfig
 from pipeline.serving import api
 from pipeline.serving.api import APIError
 from pipeline.serving.config import ServeConfig, SolverBackendConfig
+from pipeline.chat import render_chat
 
 logger = logging.getLogger("ray.serve")
 
@@ -148,7 +149,7 @@ class _BatchedModel:
         if not limit:
             return None
         try:
-            n = len(tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"])
+            n = len(tokenizer(render_chat(tokenizer, messages), add_special_tokens=False)["input_ids"])
         except Exception:  # pragma: no cover - let generate() report it
             return None
         if n > limit:
