@@ -12,7 +12,10 @@ A :class:`Dataset` entry gives a dataset's
   worked decompositions for the few-shot decomposer prompt, the first also the solver's and the
   single-stage baselines' demonstration (:mod:`pipeline.prompts`);
 * ``loader``: the module under :mod:`pipeline.data` that reads its raw files (``load(src)`` and
-  ``row_parser(src)``), named, not imported, so that scoring never pulls in the file readers.
+  ``row_parser(src)``), named, not imported, so that scoring never pulls in the file readers;
+* ``generated``: the loader makes the rows itself (no ``path``; the generated world's families);
+* ``compact_prompts``: every system message is a task tag ("Decompose.") instead of instructions,
+  for models trained from scratch on the prompts (:func:`pipeline.prompts._system`).
 
 Adding a dataset: write its loader module, then one :func:`register` call below (or in a module
 imported at the end of this one). Source configs, ``/v1/solve``, scoring, answer extraction and the
@@ -48,6 +51,8 @@ class Dataset:
     answer_style: str
     demos: tuple[Demo, Demo]
     loader: str
+    generated: bool = False
+    compact_prompts: bool = False
 
 
 REGISTRY: dict[str, Dataset] = {}
@@ -150,3 +155,43 @@ DROP = register(Dataset("drop", "f1", False, "The final answer is short: a numbe
 BAMBOOGLE = register(Dataset("bamboogle", "accuracy", False, SHORT_ANSWER, (_EIFFEL, _TELEPHONE), "pipeline.data.bamboogle"))
 # Any question set with gold answers, read through a column mapping (pipeline/data/generic.py).
 GENERIC = register(Dataset("generic", "accuracy", False, SHORT_ANSWER, (_EIFFEL, _MUFFINS), "pipeline.data.generic"))
+
+# The generated world of the embedded miniature (pipeline/data/world.py): one entry per question
+# family, each a source of its own ({dataset: world_chain, split: test}). Fictional demos: the
+# miniature's prompts are zero-shot, these serve a few-shot prompt to a real LLM.
+_FOUNDER_CITY = Demo(
+    question="In which city was the founder of Acme Mills born?",
+    subquestions=("Who founded Acme Mills?", "In which city was that person born?"),
+    subanswers=("The founder of Acme Mills is Ada Stone.", "The birth city of Ada Stone is Dover."),
+    answer="Dover",
+    reasoning="Acme Mills was founded by Ada Stone, who was born in Dover.",
+)
+_MAYOR = Demo(
+    question="Who is the mayor of the city where Bolt Press is based?",
+    subquestions=("In which city is Bolt Press based?", "Who is the mayor of that city?"),
+    subanswers=("The home city of Bolt Press is Hull.", "The mayor of Hull is Cy Reed."),
+    answer="Cy Reed",
+    reasoning="Bolt Press is based in Hull, whose mayor is Cy Reed.",
+)
+_FOUNDER_AGE = Demo(
+    question="How old was the founder of Acme Mills when Acme Mills was founded?",
+    subquestions=("Who founded Acme Mills?", "In which year was that person born?", "In which year was Acme Mills founded?",
+                  "How many years are there between these two years?"),
+    subanswers=("The founder of Acme Mills is Ada Stone.", "The birth year of Ada Stone is 1921.",
+                "The founding year of Acme Mills is 1958.", "1958 - 1921 = 37."),
+    answer="37",
+    reasoning="Ada Stone was born in 1921 and founded Acme Mills in 1958: 1958 - 1921 = 37.",
+)
+_OLDER = Demo(
+    question="Which company is older, Acme Mills or Bolt Press?",
+    subquestions=("In which year was Acme Mills founded?", "In which year was Bolt Press founded?"),
+    subanswers=("The founding year of Acme Mills is 1958.", "The founding year of Bolt Press is 1949."),
+    answer="Bolt Press",
+    reasoning="Acme Mills was founded in 1958 and Bolt Press in 1949, so Bolt Press is older.",
+)
+WORLD_CHAIN = register(Dataset("world_chain", "accuracy", False, SHORT_ANSWER, (_FOUNDER_CITY, _MAYOR),
+                               "pipeline.data.world", generated=True, compact_prompts=True))
+WORLD_NUMERIC = register(Dataset("world_numeric", "exact_match", True, NUMBER_ONLY, (_FOUNDER_AGE, _FOUNDER_AGE),
+                                 "pipeline.data.world", generated=True, compact_prompts=True))
+WORLD_COMPARE = register(Dataset("world_compare", "accuracy", False, SHORT_ANSWER, (_OLDER, _FOUNDER_CITY),
+                                 "pipeline.data.world", generated=True, compact_prompts=True))

@@ -138,7 +138,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     out = cfg.output.dir
     storage.write_json(storage.join(out, "results.json"), results)
     plots = write_plots(results, out)
-    storage.write_text(storage.join(out, "report.md"), render_report(results, plots))
+    summary = render_summary(results)
+    storage.write_text(storage.join(out, "summary.md"), summary)
+    storage.write_text(storage.join(out, "report.md"), render_report(results, plots, summary))
     return results
 
 
@@ -154,8 +156,37 @@ def _fmt_ci(ci: Optional[tuple[float, float]]) -> str:
     return f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "–"
 
 
-def render_report(results: dict[str, Any], plots: list[str]) -> str:
-    lines = [f"# {results['title']}", "", "| dataset | setting | metric | score | coverage | n | ROUGE-L vs gold | count match | "
+def render_summary(results: dict[str, Any]) -> str:
+    """The paper's table shape: one row per setting, each dataset's score with its 95 % interval, then
+    tokens and cost per question over all datasets (cost from each setting's ledger: every model at its
+    own price)."""
+    table, settings = results["table"], results["settings"]
+    names = list(dict.fromkeys(s["setting"] for s in table))
+    datasets = sorted({s["dataset"] for s in table})
+    head = ["setting"] + [f"{d} ({_metric_of(table, d)})" for d in datasets] + ["tokens/q (QD + QA)", "cost/q"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for name in names:
+        rows = {s["dataset"]: s for s in table if s["setting"] == name}
+        n = sum(r["n"] for r in rows.values())
+        dec = sum(r["decomposer_tokens_per_q"] * r["n"] for r in rows.values()) / max(n, 1)
+        sol = sum(r["solver_tokens_per_q"] * r["n"] for r in rows.values()) / max(n, 1)
+        total_cost = next((st.get("total_cost") for st in settings if st["name"] == name), None)
+        cells = [f"{_fmt(rows[d]['score'], True)} {_fmt_ci(rows[d].get('score_ci95'))}" if d in rows else "–" for d in datasets]
+        cost = f"{total_cost / n:.2e}" if total_cost is not None and n else "–"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {dec + sol:.0f} ({dec:.0f} + {sol:.0f}) | {cost} |")
+    return "\n".join(lines) + "\n"
+
+
+def _metric_of(table: list[dict[str, Any]], dataset: str) -> str:
+    return next(s["metric"] for s in table if s["dataset"] == dataset)
+
+
+def render_report(results: dict[str, Any], plots: list[str], summary: str = "") -> str:
+    lines = [f"# {results['title']}", ""]
+    if summary:
+        lines += ["## Summary", "", summary, "Scores in %, with a percentile-bootstrap 95 % interval over questions; "
+                  "cost per question from each setting's ledger (each model at its own price).", "", "## Every figure", ""]
+    lines += ["| dataset | setting | metric | score | coverage | n | ROUGE-L vs gold | count match | "
              "parse rate | decomposer tok/q | solver tok/q | calls/q | decomposer token share | cost/q | score 95 % CI |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for s in results["table"]:

@@ -35,6 +35,13 @@ def _dataset(row: dict) -> Dataset:
     return datasets.find(row.get("dataset")) or datasets.GENERIC
 
 
+def _system(ds: Dataset, tag: str, text: str) -> str:
+    """The system message: ``text`` (the instructions a pretrained LLM needs), or only the task
+    ``tag`` for a dataset with ``compact_prompts`` (a model trained from scratch on these prompts
+    learns the task from the tag; the instructions would be half of every row it reads)."""
+    return tag if ds.compact_prompts else text
+
+
 def _question_block(question: str, context: str) -> str:
     context = (context or "").strip()
     q = f"Question: {question.strip()}"
@@ -76,7 +83,7 @@ def decomposer_messages(row: dict, few_shot: bool = True) -> Messages:
     The expected reply is :func:`pipeline.parsing.format_subquestions` output.
     """
     ds = _dataset(row)
-    system = _DECOMPOSER_SYSTEM + (_PASSAGE_NOTE if (row.get("context") or "").strip() else "")
+    system = _system(ds, "Decompose.", _DECOMPOSER_SYSTEM + (_PASSAGE_NOTE if (row.get("context") or "").strip() else ""))
     turns = [(_demo_block(d), format_subquestions(list(d.subquestions))) for d in ds.demos] if few_shot else []
     return _msgs(system, turns, _row_block(row))
 
@@ -105,10 +112,8 @@ def solver_messages(row: dict, subquestions: list[str], few_shot: bool = True) -
     ends with "The answer is: ...". One compact demo per dataset when ``few_shot``.
     """
     ds = _dataset(row)
-    system = (
-        "Answer the subquestions in order, one line each (A1: ..., A2: ...); later answers may use "
-        "earlier ones. Then write the final line: The answer is: <answer>. " + ds.answer_style
-    )
+    system = _system(ds, "Solve.", "Answer the subquestions in order, one line each (A1: ..., A2: ...); later answers may "
+                     "use earlier ones. Then write the final line: The answer is: <answer>. " + ds.answer_style)
     demo = ds.demos[0]
     turns = []
     if few_shot:
@@ -127,7 +132,7 @@ def solver_messages(row: dict, subquestions: list[str], few_shot: bool = True) -
 def direct_messages(row: dict, few_shot: bool = True) -> Messages:
     """Single-stage baseline: reply with only "The answer is: <answer>"."""
     ds = _dataset(row)
-    system = "Answer the question. Reply with one line: The answer is: <answer>. " + ds.answer_style
+    system = _system(ds, "Answer.", "Answer the question. Reply with one line: The answer is: <answer>. " + ds.answer_style)
     demo = ds.demos[0]
     turns = [(_demo_block(demo), f"The answer is: {demo.answer}")] if few_shot else []
     return _msgs(system, turns, _row_block(row))
@@ -136,10 +141,8 @@ def direct_messages(row: dict, few_shot: bool = True) -> Messages:
 def cot_messages(row: dict, few_shot: bool = True) -> Messages:
     """Chain-of-thought baseline: reason step by step, then "The answer is: <answer>"."""
     ds = _dataset(row)
-    system = (
-        "Answer the question. Think step by step, then end with the line: The answer is: <answer>. "
-        + ds.answer_style
-    )
+    system = _system(ds, "Think, then answer.", "Answer the question. Think step by step, then end with the line: "
+                     "The answer is: <answer>. " + ds.answer_style)
     demo = ds.demos[0]
     turns = [(_demo_block(demo), f"{demo.reasoning}\nThe answer is: {demo.answer}")] if few_shot else []
     return _msgs(system, turns, _row_block(row))
@@ -179,17 +182,14 @@ def dynamic_messages(row: dict, history: History, few_shot: bool = True) -> Mess
             (block, f"Follow up: {demo.subquestions[0]}"),
             (_dynamic_user(block, pairs), f"So the final answer is: {demo.answer}"),
         ]
-    return _msgs(_DYNAMIC_SYSTEM + ds.answer_style, turns, _dynamic_user(_row_block(row), history))
+    return _msgs(_system(ds, "Self-ask.", _DYNAMIC_SYSTEM + ds.answer_style), turns, _dynamic_user(_row_block(row), history))
 
 
 def dynamic_answer_messages(row: dict, history: History, question: str, few_shot: bool = True) -> Messages:
     """Ask the solver to answer one follow-up ``question`` briefly, given earlier pairs."""
     ds = _dataset(row)
-    system = (
-        "Answer the follow-up question briefly, in one short sentence, using the main question"
-        + (", the passage" if (row.get("context") or "").strip() else "")
-        + " and the earlier answers."
-    )
+    system = _system(ds, "Answer the follow-up.", "Answer the follow-up question briefly, in one short sentence, using the "
+                     "main question" + (", the passage" if (row.get("context") or "").strip() else "") + " and the earlier answers.")
 
     def user(block: str, hist: History, q: str) -> str:
         return f"{_dynamic_user(block, hist)}\nFollow up: {' '.join(q.split())}"

@@ -1,10 +1,28 @@
-"""The whole pipeline on the embedded default: what ``divconq quickstart`` runs, step by step.
+"""The embedded miniature of the paper's experiment: what ``divconq quickstart`` runs.
 
-A recipe over the jobs' library calls: it loads the shipped configs (``configs/*.yaml``, the same a
-user would run by hand) once, derives each step's config from them with :func:`pipeline.config.updated`
-(output paths under one directory), and calls each job's ``run(cfg)``. Offline and CPU-only: the
-reference teacher replays GSM8K socratic decompositions, the oracle solver grades decompositions,
-and the student is a tiny Llama built and trained locally.
+Every model in it is learned here, from the question text, on a CPU (issue 12; the paper's
+Tables 1, 3 and 6 in small). A recipe over the jobs' ``run(cfg)``: it loads the shipped configs
+(``configs/*.yaml``, the ones a user runs by hand) once, derives each step's config with
+:func:`pipeline.config.updated`, and calls the job. The stages:
+
+1. **prepare** the generated world (:mod:`pipeline.data.world`): its ``teacher``, ``train`` and
+   ``test`` questions, three families (``world_chain``, ``world_numeric`` and the held-out
+   ``world_compare``).
+2. **teacher**: the ``train`` job trains a tiny Llama (a word-level tokenizer of the world's
+   text) on the world's single-hop facts, subtraction drills and worked examples of the
+   ``teacher`` questions (:mod:`pipeline.data.world_corpus`): its knowledge and its skills.
+3. **serve** the teacher (``divconq serve``: decomposer and solver) and run **generate** and
+   **solve** on the ``train`` questions over HTTP with the ``openai`` backend, as against any
+   OpenAI-compatible teacher; **select** keeps the paper's four training sets.
+4. **students**: one ``train`` job trains the four students (S_D-T, S_D-R, S_E-T, S_E-A), each
+   smaller than the teacher and sharing its tokenizer.
+5. **infer** every setting of the paper's tables on the ``test`` questions (students in the
+   infer actors, the teacher over HTTP), then serve the product, S_D-R with the teacher as
+   solver, and infer through it; **evaluate** writes the report (scores with 95 % intervals,
+   tokens and cost per question by model size).
+
+Gold answers are used only where the paper uses them: scoring, rejection sampling (S_D-R)
+and S_E-A's final answers.
 """
 
 from __future__ import annotations
@@ -13,17 +31,20 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Optional
 
 import httpx
 from pydantic import Field
 
-from pipeline import evaluation, generation, inference, preparation, selection, solving, storage, tables
+from pipeline import evaluation, generation, inference, preparation, selection, solving, storage
+from pipeline.backends import HFBackendConfig, OpenAIBackendConfig
 from pipeline.cluster import init_ray
-from pipeline.backends import HFBackendConfig, OpenAIBackendConfig, ReferenceBackendConfig
-from pipeline.config import RayConfig, Strict, load_config, updated
+from pipeline.config import ModelPrice, PricingConfig, RayConfig, Strict, load_config, updated
 from pipeline.data import SourceConfig
+from pipeline.data import world as W
+from pipeline.data import world_corpus
 from pipeline.evaluation import EvaluateConfig, SettingRef
 from pipeline.generation import GenerateConfig
 from pipeline.inference import InferConfig
@@ -33,49 +54,69 @@ from pipeline.selection import SelectConfig
 from pipeline.serving.app import shutdown, start
 from pipeline.serving.config import ServeConfig
 from pipeline.solving import SolveConfig
-from pipeline.tiny_models import build_tiny_model, corpus_texts
+from pipeline.tiny_models import build_tiny_model
 from training import job as training_job
 from training.config import TrainConfig
 
 log = logging.getLogger("divconq.quickstart")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STUDENT_NAME = {"decomposer_all": "S_D-T", "decomposer_correct": "S_D-R"}
-DEMO_QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he have?"
-REPORT_TITLE = "divconq quickstart (offline reference teacher, oracle solver, tiny students)"
+STUDENTS = {"S_D-T": "decomposer_all", "S_D-R": "decomposer_correct", "S_E-T": "solver_teacher", "S_E-A": "solver_all"}
+REPORT_TITLE = "divconq quickstart: the paper's experiment in miniature (a learned teacher, four distilled students)"
+# Served model names: each role of each served model has its own (the app routes chat requests by it).
+TEACHER_QD, TEACHER_QA, STUDENT_QD = "teacher-qd", "teacher-qa", "student-sd-r"
+
+
+class SizePrices(Strict):
+    """Price per 1M tokens (prompt and completion alike) of each model size, for the cost column."""
+
+    teacher_per_1m: float = Field(1.0, ge=0.0, description="The teacher's size (think: a 70B model's price).")
+    student_per_1m: float = Field(0.1, ge=0.0, description="The students' size (think: a 7B model's price).")
 
 
 class QuickstartConfig(Strict):
     out: str = Field("runs/quickstart", description="Output directory (local or s3://).")
-    small: bool = Field(False, description="A smaller, faster run (CI).")
+    small: bool = Field(False, description="A smaller, faster run (CI): a smaller world, fewer steps.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port for the served app (127.0.0.1).")
+    prices: SizePrices = Field(default_factory=SizePrices)
     ray: RayConfig = Field(default_factory=RayConfig)
 
 
-def cfg_path(name: str) -> str:
-    return os.path.join(REPO, "configs", f"{name}.yaml")
+@dataclass(frozen=True)
+class ModelSpec:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    steps: int
+    lr: float
+    batch: int = 16  # per worker (2 workers)
 
 
-def samples(*parts: str) -> str:
-    return os.path.join(REPO, "data", "samples", *parts)
-
-
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """How big the run is. ``small`` is the CI-sized smoke run."""
+    """How big the run is: sized by the learning curves in benchmarks/results/probe_world.md."""
 
-    train_questions: int
-    test_questions: int
-    samples_per_question: int
-    train_steps: int
-    variants: tuple[str, ...]
+    world: W.WorldConfig
+    teacher: ModelSpec
+    decomposer: ModelSpec
+    solver: ModelSpec
+    samples_per_question: int = 2
+    temperature: float = 0.7
+    test_per_family: Optional[int] = 200
+    fact_repeat: int = 4
+    dynamic_every: int = 3
 
     @classmethod
     def of(cls, small: bool) -> "Plan":
         if small:
-            return cls(train_questions=160, test_questions=16, samples_per_question=2, train_steps=30, variants=("decomposer_correct",))
-        return cls(train_questions=1000, test_questions=100, samples_per_question=2, train_steps=400,
-                   variants=("decomposer_all", "decomposer_correct"))
+            world = W.WorldConfig(cities=8, last_names=12, teacher_companies=16, student_companies=24,
+                                  questions={"teacher": {W.CHAIN: 40, W.NUMERIC: 40, W.COMPARE: 20},
+                                             "train": {W.CHAIN: 36, W.NUMERIC: 36}, "test": {W.CHAIN: 12, W.NUMERIC: 12, W.COMPARE: 12}},
+                                  drills=200, name_only_companies=40,
+                                  name_only_questions={W.CHAIN: 40, W.NUMERIC: 30, W.COMPARE: 20})
+            return cls(world, ModelSpec(48, 2, 4, 300, 1e-2), ModelSpec(32, 1, 4, 20, 1e-2), ModelSpec(32, 1, 4, 20, 1e-2),
+                       test_per_family=None)
+        return cls(W.WorldConfig(), ModelSpec(96, 3, 4, 3000, 6e-3), ModelSpec(64, 2, 4, 600, 1e-2), ModelSpec(64, 2, 4, 600, 1e-2))
 
 
 @dataclass
@@ -98,90 +139,191 @@ class Shipped:
         return cls(**{name: load_config(model, cfg_path(name)) for name, model in models.items()})
 
 
-class Quickstart:
-    """prepare -> generate -> solve -> select -> train -> serve -> infer -> evaluate, into ``cfg.out``."""
+def cfg_path(name: str) -> str:
+    return os.path.join(REPO, "configs", f"{name}.yaml")
 
-    def __init__(self, cfg: QuickstartConfig) -> None:
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the report: a system (mode, decomposer, solver) on the test questions."""
+
+    name: str
+    folder: str
+    mode: str
+    decomposer: Any
+    solver: Any
+    sizes: tuple[str, str]  # model size of (decomposer, solver), for the cost column
+
+
+class Quickstart:
+    """prepare -> teacher -> generate -> solve -> select -> students -> infer -> serve -> evaluate."""
+
+    def __init__(self, cfg: QuickstartConfig, progress: Optional[Callable[[str], None]] = None) -> None:
         self.cfg = cfg
         self.plan = Plan.of(cfg.small)
         self.out = storage.localize(cfg.out) if storage.is_local(cfg.out) else cfg.out
         self.shipped = Shipped.load()
         self.timings: dict[str, float] = {}
-        self.test_input = {"path": self.p("prepare"), "datasets": ["gsm8k"], "splits": ["test"]}
+        self.progress = progress or (lambda line: log.info("%s", line))
+        self.base_url = ""
 
     def p(self, *parts: str) -> str:
         return storage.join(self.out, *parts)
 
     def step(self, name: str, fn: Callable[[], Any]) -> Any:
-        log.info("==== quickstart: %s ====", name)
         t0 = time.time()
+        self.progress(f"{name} ...")
         result = fn()
         self.timings[name] = round(time.time() - t0, 1)
+        self.progress(f"{name}: done in {self.timings[name]:.0f} s{_counts(result)}")
         return result
 
-    # ------------------------------------------------------------ steps
-    def build_training_sets(self) -> None:
-        """prepare -> generate -> solve -> select."""
-        plan, s = self.plan, self.shipped
-        sources = [SourceConfig(dataset="gsm8k", path=samples("gsm8k", "train_socratic.jsonl"), split="train", limit=plan.train_questions),
-                   SourceConfig(dataset="gsm8k", path=samples("gsm8k", "test_socratic.jsonl"), split="test", limit=plan.test_questions)]
-        self.step("prepare", lambda: preparation.run(updated(s.prepare, {"sources": sources, "output": {"dir": self.p("prepare")}})))
-        self.step("generate", lambda: generation.run(updated(s.generate, {
-            "input": {"path": self.p("prepare")}, "output": {"dir": self.p("generate")}, "sampling": {"n": plan.samples_per_question}})))
-        self.step("solve", lambda: solving.run(updated(s.solve, {"input": {"path": self.p("generate")}, "output": {"dir": self.p("solve")}})))
-        self.step("select", lambda: selection.run(updated(s.select, {
-            "input": {"path": self.p("solve")}, "output": {"dir": self.p("select")}, "variants": list(plan.variants)})))
+    # ------------------------------------------------------------ data and teacher
+    def prepare(self) -> None:
+        world = self.plan.world
+        sources = [SourceConfig(dataset=family, split=split, world=world)
+                   for split in W.SPLITS for family in W.FAMILIES if world.questions.get(split, {}).get(family)]
+        self.step("prepare", lambda: preparation.run(updated(self.shipped.prepare, {"sources": sources,
+                                                                                     "output": {"dir": self.p("prepare")}})))
 
-    def train_students(self) -> None:
-        for variant in self.plan.variants:
-            cfg = updated(self.shipped.train, {
-                "data": {"train_path": self.p("select", variant, "train"), "validation_path": self.p("select", variant, "validation")},
-                "output": {"dir": self.p("train", variant, "model"), "checkpoint_dir": self.p("train", "checkpoints"), "run_name": variant},
-                "schedule": {"max_steps": self.plan.train_steps}})
-            self.step(f"train {STUDENT_NAME[variant]}", lambda c=cfg: training_job.run(c))
+    def train_teacher(self) -> None:
+        """The teacher's corpus (facts, drills, worked ``teacher`` questions), then the train job."""
+        plan = self.plan
+        rows = world_corpus.teacher_corpus(W.generate(plan.world), dynamic_every=plan.dynamic_every)
+        rows += [r for r in rows if r["kind"] == "fact"] * (plan.fact_repeat - 1)
+        corpus = world_corpus.write_teacher_corpus(self.p("teacher", "corpus"), rows)
+        cfg = self.train_config(plan.teacher, {"train_path": corpus, "validation_path": None},
+                                {"tokenizer": "word"}, self.p("teacher", "model"), "teacher")
+        self.step("train teacher", lambda: training_job.run(cfg))
 
-    def infer(self, name: str, folder: str, decomposer: Any, mode: str = "static", **extra: Any) -> None:
-        cfg = updated(self.shipped.infer, {"input": self.test_input, "decomposer": decomposer, "mode": mode, "setting": name,
-                                           "output": {"dir": self.p("infer", folder)}, **extra})
-        self.step(f"infer: {name}", lambda: inference.run(cfg))
+    def train_config(self, spec: ModelSpec, data: dict[str, Any], tiny: dict[str, Any], out_dir: str, name: str) -> TrainConfig:
+        return updated(self.shipped.train, {
+            "data": {**data, "max_length": 256},
+            "model": {"build_tiny": True, "name_or_path": None,
+                      "tiny": {**tiny, "hidden_size": spec.hidden_size, "num_layers": spec.num_layers,
+                               "num_heads": spec.num_heads, "max_positions": 512}},
+            "optim": {"lr": spec.lr, "warmup_ratio": 0.05, "betas": (0.9, 0.95)},
+            "deepspeed": {"micro_batch_size": spec.batch},
+            "schedule": {"max_steps": spec.steps, "epochs": 1000, "checkpoint_every_steps": max(100, spec.steps // 4),
+                         "eval_every_epoch": False},
+            "output": {"dir": out_dir, "checkpoint_dir": self.p("checkpoints"), "run_name": name}})
 
-    def serve_student(self) -> None:
-        """Serve the S_D-R student (+ an untrained tiny solver, to show /v1/solve end to end) and run
-        infer through the served app."""
-        solver_dir = self.p("models", "tiny-solver")
-        if not storage.exists(storage.join(solver_dir, "config.json")):
-            build_tiny_model(solver_dir, corpus_texts(tables.iter_rows(self.p("prepare"))), vocab_size=1024)
-        serve_cfg = updated(self.shipped.serve, {"decomposer": {"model": self.p("train", "decomposer_correct", "model")},
-                                                 "solver": {"backend": {"model": solver_dir}},
-                                                 "http": {"port": self.cfg.port}, "blocking": False})
+    # ------------------------------------------------------------ serving
+    @contextmanager
+    def served(self, decomposer: str, decomposer_name: str) -> Iterator[str]:
+        """Serve ``decomposer`` and the teacher as solver; yields the OpenAI base URL (``.../v1``)."""
+        cfg = updated(self.shipped.serve, {
+            "decomposer": {"model": decomposer, "served_name": decomposer_name, "max_batch_size": 64,
+                           "max_ongoing_requests": 128, "ray_actor_options": {"num_cpus": 0.25}},
+            "solver": {"backend": {"type": "hf", "model": self.p("teacher", "model"), "batch_size": 64},
+                       "served_name": TEACHER_QA, "max_batch_size": 64, "max_ongoing_requests": 128,
+                       "ray_actor_options": {"num_cpus": 0.25}},
+            "method": {"decomposer_few_shot": False, "solver_few_shot": False},
+            "http": {"port": self.cfg.port}, "blocking": False})
         t0 = time.time()
-        base_url = start(serve_cfg)
-        self.timings["serve (start)"] = round(time.time() - t0, 1)
+        base = start(cfg)
+        self.timings[f"serve {decomposer_name} (start)"] = round(time.time() - t0, 1)
         try:
-            demo = httpx.post(base_url + "/v1/solve", json={"question": DEMO_QUESTION}, timeout=120).json()
-            log.info("served /v1/solve -> %s", json.dumps(demo)[:400])
-            storage.write_json(self.p("serve_demo.json"), demo)
-            served = OpenAIBackendConfig(base_url=base_url + "/v1", model=serve_cfg.decomposer.served_name, api_key_env=None,
-                                         concurrency=8)
-            self.infer("student S_D-R (served) + oracle", "student-sd_r-served", served)
+            yield base + "/v1"
         finally:
-            shutdown()
+            shutdown(cfg.app_name)
 
-    def baseline_settings(self) -> list[tuple[str, str, Any, str, dict[str, Any]]]:
-        """(name, folder, decomposer, mode, extra) of every setting inferred in-process."""
-        base_model = self.p("train", "checkpoints", "decomposer_correct-base_model")
-        settings = [("teacher QD + oracle (static)", "teacher-static", ReferenceBackendConfig(), "static", {"method": {"decomposer_few_shot": True}}),
-                    ("teacher QD + oracle (dynamic)", "teacher-dynamic", ReferenceBackendConfig(), "dynamic", {}),
-                    ("untrained tiny QD + oracle", "untrained", HFBackendConfig(model=base_model, batch_size=16), "static", {})]
-        if "decomposer_all" in self.plan.variants:
-            settings.append(("student S_D-T + oracle", "student-sd_t",
-                             HFBackendConfig(model=self.p("train", "decomposer_all", "model"), batch_size=16), "static", {}))
-        return settings
+    def remote(self, base_url: str, name: str) -> OpenAIBackendConfig:
+        return OpenAIBackendConfig(base_url=base_url, model=name, api_key_env=None, concurrency=64, timeout_s=300)
 
-    def evaluate(self, settings: list[tuple[str, str, Any, str, dict[str, Any]]]) -> str:
-        refs = [("student S_D-R (served) + oracle", "student-sd_r-served")] + [(n, f) for n, f, *_ in settings]
-        cfg = updated(self.shipped.evaluate, {"settings": [SettingRef(name=n, predictions=self.p("infer", f)) for n, f in refs],
-                                              "output": {"dir": self.p("report")}, "title": REPORT_TITLE})
+    # ------------------------------------------------------------ distillation
+    def distill(self, base_url: str) -> None:
+        """generate and solve the ``train`` questions with the served teacher; select the four sets."""
+        s, plan = self.shipped, self.plan
+        zero_shot = {"decomposer_few_shot": False, "solver_few_shot": False}
+        self.step("generate (teacher QD)", lambda: generation.run(updated(s.generate, {
+            "input": {"path": self.p("prepare"), "splits": ["train"], "datasets": None},
+            "output": {"dir": self.p("generate"), "shard_size": 256}, "teacher": self.remote(base_url, TEACHER_QD),
+            "sampling": {"n": plan.samples_per_question, "temperature": plan.temperature, "max_tokens": 64},
+            "method": zero_shot, "pool": {"max_actors": 1, "num_cpus": 0.25}})))
+        self.step("solve (teacher QA)", lambda: solving.run(updated(s.solve, {
+            "input": {"path": self.p("generate")}, "output": {"dir": self.p("solve"), "shard_size": 256},
+            "solver": self.remote(base_url, TEACHER_QA), "sampling": {"max_tokens": 96}, "method": zero_shot,
+            "pool": {"max_actors": 1, "num_cpus": 0.25}})))
+
+    def select(self) -> list[str]:
+        """The four training sets; returns the students that have rows (an untrained teacher may give none)."""
+        manifest = self.step("select", lambda: selection.run(updated(self.shipped.select, {
+            "input": {"path": self.p("solve")}, "output": {"dir": self.p("select")}, "variants": list(STUDENTS.values()),
+            "validation_fraction": 0.0})))
+        have = [name for name, variant in STUDENTS.items() if manifest.counts.get(f"{variant}/train", 0) > 0]
+        for name in sorted(set(STUDENTS) - set(have)):
+            self.progress(f"{name}: no training rows (the teacher gave none that qualify): not trained, its settings skipped")
+        return have
+
+    def train_students(self, names: list[str]) -> None:
+        """The students in one train job (one Ray Train + DeepSpeed start-up for all)."""
+        plan, runs = self.plan, []
+        # the untrained student of the tables: the students' size and initialization (seed 0), no training
+        build_tiny_model(self.p("checkpoints", "untrained-student"), hidden_size=plan.decomposer.hidden_size,
+                         num_layers=plan.decomposer.num_layers, num_heads=plan.decomposer.num_heads, max_positions=512,
+                         tokenizer_from=self.p("teacher", "model"))
+        if not names:
+            return
+        for name in names:
+            variant = STUDENTS[name]
+            spec = plan.decomposer if name.startswith("S_D") else plan.solver
+            runs.append({"name": name, "data": {"train_path": self.p("select", variant, "train"), "validation_path": None},
+                         "output_dir": self.p("students", name), "schedule": {"max_steps": spec.steps}})
+        cfg = self.train_config(plan.decomposer, {"train_path": runs[0]["data"]["train_path"], "validation_path": None},
+                                {"tokenizer_from": self.p("teacher", "model")}, self.p("students"), "students")
+        cfg = updated(cfg, {"runs": runs})
+        self.step("train students", lambda: training_job.run(cfg))
+
+    # ------------------------------------------------------------ evaluation
+    def settings(self, base_url: str, trained: list[str]) -> list[Setting]:
+        """Every setting whose models exist (all of them, unless a student had no training rows)."""
+        wanted = {"S_D-T + teacher QA": "S_D-T", "teacher QD + S_E-T": "S_E-T", "teacher QD + S_E-A": "S_E-A"}
+        return [s for s in self.all_settings(base_url) if wanted.get(s.name, "") in trained + [""]]
+
+    def all_settings(self, base_url: str) -> list[Setting]:
+        teacher_qd, teacher_qa = self.remote(base_url, TEACHER_QD), self.remote(base_url, TEACHER_QA)
+        local = lambda name: HFBackendConfig(model=self.p("students", name), batch_size=64)  # noqa: E731
+        untrained = HFBackendConfig(model=self.p("checkpoints", "untrained-student"), batch_size=64)
+        t, s = "teacher", "student"
+        return [Setting("single-stage teacher (direct)", "teacher-direct", "direct", None, teacher_qa, (t, t)),
+                Setting("teacher QD + teacher QA (static)", "teacher-static", "static", teacher_qd, teacher_qa, (t, t)),
+                Setting("teacher QD + teacher QA (dynamic)", "teacher-dynamic", "dynamic", teacher_qd, teacher_qa, (t, t)),
+                Setting("S_D-T + teacher QA", "sd_t", "static", local("S_D-T"), teacher_qa, (s, t)),
+                Setting("teacher QD + S_E-T", "se_t", "static", teacher_qd, local("S_E-T"), (t, s)),
+                Setting("teacher QD + S_E-A", "se_a", "static", teacher_qd, local("S_E-A"), (t, s)),
+                Setting("untrained student + teacher QA", "untrained", "static", untrained, teacher_qa, (s, t))]
+
+    def infer(self, setting: Setting) -> None:
+        prices = {"teacher": self.cfg.prices.teacher_per_1m, "student": self.cfg.prices.student_per_1m}
+        models = {}
+        for backend, size in zip((setting.decomposer, setting.solver), setting.sizes):
+            if backend is not None:
+                models[backend.model] = ModelPrice(prompt_per_1m=prices[size], completion_per_1m=prices[size])
+        test = {"path": self.p("prepare"), "splits": ["test"], "datasets": None}
+        cfg = updated(self.shipped.infer, {
+            "input": test, "setting": setting.name, "mode": setting.mode, "decomposer": setting.decomposer,
+            "solver": setting.solver, "output": {"dir": self.p("infer", setting.folder), "shard_size": 256},
+            "decomposer_sampling": {"max_tokens": 64}, "solver_sampling": {"max_tokens": 96},
+            "method": {"decomposer_few_shot": False, "solver_few_shot": False, "max_dynamic_steps": 5},
+            "pricing": PricingConfig(models=models), "pool": {"max_actors": 1, "num_cpus": 0.25}})
+        self.step(f"infer: {setting.name}", lambda: inference.run(cfg))
+
+    def serve_product(self) -> Setting:
+        """Serve S_D-R with the teacher as solver (the product), ask ``/v1/solve`` once, infer through it."""
+        with self.served(self.p("students", "S_D-R"), STUDENT_QD) as base_url:
+            question = W.generate(self.plan.world).questions["test"][0].to_row()
+            body = {"question": question["question"], "dataset": question["dataset"]}
+            demo = httpx.post(base_url[: -len("/v1")] + "/v1/solve", json=body, timeout=120).json()
+            storage.write_json(self.p("serve_demo.json"), demo)
+            setting = Setting("S_D-R + teacher QA (served)", "sd_r-served", "static", self.remote(base_url, STUDENT_QD),
+                              self.remote(base_url, TEACHER_QA), ("student", "teacher"))
+            self.infer(setting)
+        return setting
+
+    def evaluate(self, settings: list[Setting]) -> str:
+        refs = [SettingRef(name=s.name, predictions=self.p("infer", s.folder)) for s in settings]
+        cfg = updated(self.shipped.evaluate, {"settings": refs, "output": {"dir": self.p("report")}, "title": REPORT_TITLE})
         self.step("evaluate", lambda: evaluation.run(cfg))
         return self.p("report", "report.md")
 
@@ -189,20 +331,37 @@ class Quickstart:
         """Run every stage into ``cfg.out``; the manifest's ``report`` is the evaluation report's path."""
         started = time.time()
         init_ray(self.cfg.ray)
-        self.build_training_sets()
-        self.train_students()
-        self.serve_student()
-        settings = self.baseline_settings()
-        for name, folder, decomposer, mode, extra in settings:
-            self.infer(name, folder, decomposer, mode, **extra)
+        self.prepare()
+        self.train_teacher()
+        with self.served(self.p("teacher", "model"), TEACHER_QD) as base_url:
+            self.distill(base_url)
+        trained = self.select()
+        self.train_students(trained)
+        with self.served(self.p("teacher", "model"), TEACHER_QD) as base_url:
+            settings = self.settings(base_url, trained)
+            for setting in settings:
+                self.infer(setting)
+        if "S_D-R" in trained:
+            settings.insert(4, self.serve_product())
         report = self.evaluate(settings)
+        shutdown()
         storage.write_json(self.p("timings.json"), self.timings)
-        log.info("quickstart timings (s): %s", self.timings)
         return Manifest.of("quickstart", self.cfg, inputs={"configs": [cfg_path(n) for n in Shipped.__dataclass_fields__]},
                            counts={"steps": len(self.timings)}, started_at=started,
-                           extra={"report": report, "timings": self.timings})
+                           extra={"report": report, "timings": self.timings, "world": W.describe(W.generate(self.plan.world))})
 
 
-def run(cfg: QuickstartConfig) -> Manifest:
-    """The quickstart job: the whole pipeline on the embedded default (see :class:`Quickstart`)."""
-    return Quickstart(cfg).run()
+def _counts(manifest: Any) -> str:
+    """A short ``, rows: ...`` tail for a stage's progress line from its manifest's counts."""
+    counts = getattr(manifest, "counts", None) or {}
+    shown = {k: v for k, v in counts.items() if isinstance(v, (int, float)) and k in
+             ("rows", "questions", "written", "output_rows", "steps", "models", "quarantined", "train_rows")}
+    return (", " + ", ".join(f"{k} {v}" for k, v in shown.items())) if shown else ""
+
+
+def run(cfg: QuickstartConfig, progress: Optional[Callable[[str], None]] = None) -> Manifest:
+    """The quickstart job: the paper's experiment in miniature (see :class:`Quickstart`)."""
+    return Quickstart(cfg, progress).run()
+
+
+__all__ = ["QuickstartConfig", "Quickstart", "Plan", "run", "json"]

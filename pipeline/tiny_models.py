@@ -62,9 +62,44 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, special_tokens
     return fast
 
 
+UNK = "<|unk|>"
+
+
+def train_word_tokenizer(texts: Iterable[str], special_tokens: Optional[list[str]] = None,
+                         chat_template: Optional[str] = CHAT_TEMPLATE):
+    """A word-level tokenizer whose vocabulary is exactly the pieces of ``texts``: one token per
+    word (with its leading space, SentencePiece-style "▁word"), per punctuation mark, per newline
+    and per digit (numbers are spelled digit by digit, so arithmetic is over digits).
+
+    Decoding is lossless for any text made of known pieces (``decode(encode(t)) == t``), so the
+    project's parsers read model output exactly; an unknown piece becomes ``<|unk|>``. Meant for a
+    generated world whose every word is known (:mod:`pipeline.data.world`): a few hundred tokens
+    where a byte-level BPE needs over a thousand to make each world word one token.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # lazy: as train_tokenizer
+    from transformers import PreTrainedTokenizerFast  # lazy: as train_tokenizer
+
+    pre = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
+        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=True),
+        pre_tokenizers.Punctuation(behavior="isolated"),
+        pre_tokenizers.Digits(individual_digits=True),
+    ])
+    pieces = sorted({p for t in set(texts) for p, _ in pre.pre_tokenize_str(t)})  # sorted: ids independent of text order
+    specials = list(special_tokens or SPECIAL_TOKENS) + [UNK]
+    vocab = {t: i for i, t in enumerate(specials + [p for p in pieces if p not in specials])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="never", split=True)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|end|>", pad_token="<|pad|>",
+                                   unk_token=UNK, padding_side="left")
+    fast.chat_template = chat_template
+    return fast
+
+
 def build_tiny_model(
     out_dir: str,
-    texts: Iterable[str],
+    texts: Iterable[str] = (),
     arch: Literal["llama", "gpt2"] = "llama",
     vocab_size: int = 2048,
     hidden_size: int = 64,
@@ -72,13 +107,26 @@ def build_tiny_model(
     num_heads: int = 4,
     max_positions: int = 1024,
     seed: int = 0,
+    tokenizer: Literal["bpe", "word"] = "bpe",
+    tokenizer_from: Optional[str] = None,
 ) -> str:
-    """Build and save a tiny randomly initialized causal LM + tokenizer in ``out_dir``."""
+    """Build and save a tiny randomly initialized causal LM + tokenizer in ``out_dir``.
+
+    The tokenizer is trained on ``texts`` (``"bpe"``: byte-level BPE of ``vocab_size``; ``"word"``:
+    :func:`train_word_tokenizer`, sized by the text), or loaded from ``tokenizer_from`` (a model or
+    tokenizer directory) so that several models share one vocabulary: a teacher and its students,
+    whose token figures are then counted with one tokenizer.
+    """
     import torch  # lazy: torch and transformers take ~5 s to import; only building a model needs them
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig  # lazy: as torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig  # lazy: as torch
 
     torch.manual_seed(seed)
-    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
+    if tokenizer_from:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    elif tokenizer == "word":
+        tokenizer = train_word_tokenizer(texts)
+    else:
+        tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
     common = dict(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,

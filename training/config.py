@@ -50,6 +50,10 @@ class TrainDataConfig(Strict):
 
 class TinyModelConfig(Strict):
     arch: Literal["llama", "gpt2"] = "llama"
+    tokenizer: Literal["bpe", "word"] = Field("bpe", description="bpe: byte-level BPE of vocab_size trained on the training "
+                                              "text; word: one token per word of it (a generated world's vocabulary).")
+    tokenizer_from: Optional[str] = Field(None, description="A model or tokenizer dir whose tokenizer to share (students of "
+                                          "a tiny teacher: every token counted with one tokenizer); overrides tokenizer.")
     vocab_size: int = Field(2048, ge=300)
     hidden_size: int = Field(64, ge=8)
     num_layers: int = Field(2, ge=1)

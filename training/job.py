@@ -115,7 +115,8 @@ def prepare_base_model(cfg: TrainConfig) -> str:
         texts = corpus_from_rows(read_conversations(cfg.data.train_path))
         build_tiny_model(tmp, texts, arch=t.arch, vocab_size=t.vocab_size, hidden_size=t.hidden_size,
                          num_layers=t.num_layers, num_heads=t.num_heads,
-                         max_positions=max(t.max_positions, cfg.data.max_length), seed=cfg.seed)
+                         max_positions=max(t.max_positions, cfg.data.max_length), seed=cfg.seed,
+                         tokenizer=t.tokenizer, tokenizer_from=t.tokenizer_from)
         storage.copy_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

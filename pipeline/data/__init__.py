@@ -35,6 +35,8 @@ def row_parser(src: SourceConfig) -> RowParser:
 
 def load_source(src: SourceConfig) -> Iterator[Question | Rejected]:
     """Questions and rejected rows of one source, in file order."""
+    if datasets.get(src.dataset).generated:  # no file: the loader makes the rows
+        return take_good(loader(src.dataset).load(src), src.limit)
     if src.is_hub:
         return take_good(load_hub(src, row_parser(src)), src.limit)
     resolve_format(src)

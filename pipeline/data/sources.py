@@ -29,6 +29,8 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline import datasets, storage
 from pipeline.config import Strict, UsageError
+from pipeline.data.world import SPLITS as WORLD_SPLITS
+from pipeline.data.world import WorldConfig
 from pipeline.schema import Question, Rejected, RowError, validate_question
 
 HUB_PREFIX = "hf://"
@@ -49,8 +51,9 @@ class SourceConfig(Strict):
     """One input file (or hub dataset) and how to read it."""
 
     dataset: str = Field(..., description="A registered dataset (pipeline/datasets.py): gsm8k, drop, bamboogle, generic, ...")
-    path: str = Field(..., description="Local path or storage URL (s3://, gs://, az://, hf://datasets/<owner>/<name>/<file>...) "
-                      "of a file, or hf://<owner>/<name> for a Hugging Face hub dataset.")
+    path: Optional[str] = Field(None, description="Local path or storage URL (s3://, gs://, az://, hf://datasets/<owner>/<name>/"
+                                "<file>...) of a file, or hf://<owner>/<name> for a Hugging Face hub dataset (required except "
+                                "for a generated dataset: the world's families).")
     split: str = Field("test", description="Split name used in ids (<dataset>:<split>:<source id>).")
     format: Literal["auto", "jsonl", "json", "csv", "parquet"] = Field(
         "auto", description="auto: by extension (.jsonl/.json/.csv/.parquet, optionally .gz)."
@@ -63,6 +66,8 @@ class SourceConfig(Strict):
     )
     hub_config: Optional[str] = Field(None, description="Hub dataset config name, e.g. 'socratic' for openai/gsm8k.")
     hub_split: Optional[str] = Field(None, description="Hub split to read (default: split).")
+    world: Optional[WorldConfig] = Field(None, description="The world's families only: the generator's settings (default: "
+                                         "the embedded default's world); split is one of teacher, train, test.")
 
     @field_validator("dataset")
     @classmethod
@@ -71,8 +76,8 @@ class SourceConfig(Strict):
 
     @field_validator("path")
     @classmethod
-    def _path_not_empty(cls, v: str) -> str:
-        if not v.strip():
+    def _path_not_empty(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not v.strip():
             raise ValueError("path is empty")
         return v
 
@@ -90,11 +95,24 @@ class SourceConfig(Strict):
             raise ValueError(f"columns is only used with dataset 'generic', not {self.dataset!r}")
         return self
 
+    @model_validator(mode="after")
+    def _path_unless_generated(self) -> "SourceConfig":
+        generated = datasets.get(self.dataset).generated
+        if generated and self.path is not None:
+            raise ValueError(f"{self.dataset} is generated (pipeline/data/world.py): remove path")
+        if not generated and self.path is None:
+            raise ValueError("path: missing required field")
+        if generated and self.split not in WORLD_SPLITS:
+            raise ValueError(f"split: {self.dataset} has the splits {list(WORLD_SPLITS)}, not {self.split!r}")
+        if self.world is not None and not generated:
+            raise ValueError(f"world is only used with the world's families, not {self.dataset!r}")
+        return self
+
     @property
     def is_hub(self) -> bool:
         """``hf://<owner>/<name>`` is a hub dataset (read with ``datasets``); a longer ``hf://`` path is a
         file in a hub repository, read like any other storage URL."""
-        return self.path.startswith(HUB_PREFIX) and self.path[len(HUB_PREFIX):].strip("/").count("/") <= 1
+        return self.path is not None and self.path.startswith(HUB_PREFIX) and self.path[len(HUB_PREFIX):].strip("/").count("/") <= 1
 
 
 # ------------------------------------------------------------------ files and formats

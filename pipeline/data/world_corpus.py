@@ -1,0 +1,134 @@
+"""The teacher's training corpus, built from a generated world (:mod:`pipeline.data.world`).
+
+What the teacher learns, as chat rows (``messages``: the last turn is the target) that the
+``train`` job reads like a ``select`` output:
+
+* ``fact``: every single-hop fact of the world, asked and stated ("Who founded Vantor
+  Mills?" -> "The founder of Vantor Mills is Ola Brant."): its world knowledge, the way an
+  LLM teacher has it from pretraining. No system prompt: no pipeline prompt asks a lone fact.
+* ``drill``: subtraction drills over the world's year range ("What is 1987 - 1931?" ->
+  "1987 - 1931 = 56."): the arithmetic an LLM teacher brings.
+* worked examples of the ``teacher`` split only, rendered with the pipeline's own prompt
+  builders, zero-shot (``few_shot=False``), so the teacher answers exactly the prompts
+  ``generate``, ``solve`` and ``infer`` send it:
+  ``decompose`` (:func:`~pipeline.prompts.decomposer_messages` -> numbered subquestions),
+  ``solve`` (:func:`~pipeline.prompts.solver_messages` -> "A1: ...", "The answer is: ..."),
+  ``direct`` (:func:`~pipeline.prompts.direct_messages` -> "The answer is: ..."),
+  ``dynamic`` (:func:`~pipeline.prompts.dynamic_messages` -> "Follow up: ..." or
+  "So the final answer is: ...") and ``dynamic_answer``
+  (:func:`~pipeline.prompts.dynamic_answer_messages` -> the fact sentence).
+
+The targets are what the project's parsers read: :func:`~pipeline.parsing.format_subquestions`,
+:func:`~pipeline.prompts.format_solver_output`, :func:`~pipeline.parsing.parse_dynamic_step`.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Iterable, Optional
+
+import pyarrow as pa
+
+from pipeline import prompts
+from pipeline.data import world as W
+from pipeline.parsing import format_subquestions
+from pipeline.schema import Question
+
+KINDS = ("fact", "drill", "decompose", "solve", "direct", "dynamic", "dynamic_answer")
+WORKED_KINDS = KINDS[2:]
+
+CORPUS_SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("question_id", pa.string()),
+    pa.field("dataset", pa.string()),
+    pa.field("kind", pa.string(), nullable=False),
+    pa.field("messages", pa.list_(pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())])),
+             nullable=False),
+])
+
+Messages = list[dict[str, str]]
+
+
+def _chat(user: str, answer: str) -> Messages:
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+
+
+def _row(rid: str, kind: str, messages: Messages, q: Optional[Question] = None) -> dict[str, Any]:
+    return {"id": rid, "question_id": q.id if q else None, "dataset": q.dataset if q else "world", "kind": kind,
+            "messages": messages}
+
+
+def fact_rows(world: W.World) -> list[dict[str, Any]]:
+    return [_row(f"fact:{i}", "fact", _chat(W.RELATIONS[r].question.format(s=s), W.fact_sentence(r, s, o)))
+            for i, (r, s, o) in enumerate(world.facts())]
+
+
+def drill_rows(n: int, seed: int, years: tuple[int, int] = (1900, 1999)) -> list[dict[str, Any]]:
+    """``n`` distinct subtractions ``hi - lo`` of two different years (a seeded sample)."""
+    rng = random.Random(seed * 7919 + 1)
+    pairs = sorted({tuple(sorted(rng.sample(range(years[0], years[1] + 1), 2), reverse=True)) for _ in range(3 * n)})
+    rng.shuffle(pairs)
+    return [_row(f"drill:{hi}-{lo}", "drill", _chat(f"What is {hi} - {lo}?", W.subtraction(hi, lo)))
+            for hi, lo in pairs[:n]]
+
+
+def worked_rows(q: Question, followups: list[str], kinds: Iterable[str] = WORKED_KINDS,
+                style: Callable[[Messages], Messages] = lambda m: m) -> list[dict[str, Any]]:
+    """The teacher's worked examples of one question (``style`` may rewrite each prompt)."""
+    row, subqs, subans, answer = q.to_row(), list(q.gold_subquestions or []), list(q.gold_subanswers or []), q.answers[0]
+    out: list[dict[str, Any]] = []
+
+    def add(kind: str, prompt: Messages, target: str, step: int = 0) -> None:
+        if kind in kinds:
+            out.append(_row(f"{kind}:{q.id}:{step}", kind, style(prompt) + [{"role": "assistant", "content": target}], q))
+
+    add("decompose", prompts.decomposer_messages(row, few_shot=False), format_subquestions(subqs))
+    add("solve", prompts.solver_messages(row, subqs, few_shot=False), prompts.format_solver_output(subans, answer))
+    add("direct", prompts.direct_messages(row, few_shot=False), f"The answer is: {answer}")
+    history = list(zip(followups, subans))
+    for k in range(len(followups) + 1):
+        final = k == len(followups)
+        add("dynamic", prompts.dynamic_messages(row, history[:k], few_shot=False),
+            f"So the final answer is: {answer}" if final else f"Follow up: {followups[k]}", k)
+        if not final:
+            add("dynamic_answer", prompts.dynamic_answer_messages(row, history[:k], followups[k], few_shot=False), subans[k], k)
+    return out
+
+
+def teacher_corpus(world: W.World, kinds: Iterable[str] = KINDS, dynamic_every: int = 1,
+                   style: Callable[[Messages], Messages] = lambda m: m) -> list[dict[str, Any]]:
+    """Every row of the teacher's corpus (facts, drills, worked ``teacher``-split examples).
+
+    ``dynamic_every``: self-ask traces for every k-th teacher question only (they are the
+    longest rows: a prompt re-sent per step).
+    """
+    kinds = set(kinds)
+    out = fact_rows(world) if "fact" in kinds else []
+    if "drill" in kinds:
+        out += drill_rows(world.config.drills, world.config.seed)
+    for i, q in enumerate(world.questions["teacher"]):
+        ks = kinds if i % dynamic_every == 0 else kinds - {"dynamic", "dynamic_answer"}
+        out += worked_rows(q, W.followups(world, q), ks, style)
+    for i, q in enumerate(world.questions.get("names", [])):  # name-only: asking, never answering (principle 7)
+        ks = kinds & ({"decompose", "dynamic"} if i % dynamic_every == 0 else {"decompose"})
+        out += [r for r in worked_rows(q, W.followups(world, q), ks, style)
+                if r["kind"] == "decompose" or r["messages"][-1]["content"].startswith("Follow up:")]
+    return out
+
+
+def world_texts(world: W.World) -> list[str]:
+    """Every text the pipeline may put before a model of this world: the tokenizer's corpus."""
+    texts = [m["content"] for r in teacher_corpus(world) for m in r["messages"]]
+    for split in ("train", "test"):
+        for q in world.questions[split]:
+            texts += [m["content"] for r in worked_rows(q, W.followups(world, q)) for m in r["messages"]]
+    return texts
+
+
+def write_teacher_corpus(out_dir: str, rows: list[dict[str, Any]]) -> str:
+    """``<out_dir>/train/part-00000.parquet`` (the ``train`` job's ``data.train_path``); returns that path."""
+    from pipeline import storage, tables
+
+    path = storage.join(out_dir, "train")
+    tables.write_rows(storage.join(path, "part-00000.parquet"), rows, CORPUS_SCHEMA)
+    return path
