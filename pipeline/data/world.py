@@ -86,10 +86,10 @@ class WorldConfig(Strict):
     seed: int = Field(0, description="Everything (names, facts, questions, splits) follows from it.")
     cities: int = Field(24, ge=4, description="Cities (shared by every split), each with a mayor.")
     last_names: int = Field(40, ge=4, description="Pooled surnames (first names are one per person).")
-    teacher_companies: int = Field(40, ge=2, description="Companies of the teacher's worked examples only.")
+    teacher_companies: int = Field(60, ge=2, description="Companies of the teacher's worked examples only.")
     student_companies: int = Field(140, ge=4, description="Companies of the train and test questions (two halves).")
     questions: dict[str, dict[str, int]] = Field(
-        default_factory=lambda: {"teacher": {CHAIN: 120, NUMERIC: 150, COMPARE: 80},
+        default_factory=lambda: {"teacher": {CHAIN: 180, NUMERIC: 200, COMPARE: 120},
                                  "train": {CHAIN: 210, NUMERIC: 210},
                                  "test": {CHAIN: 210, NUMERIC: 210, COMPARE: 210}},
         description="Questions per split and family (capped by what the split's anchors allow).")
