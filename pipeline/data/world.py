@@ -94,9 +94,9 @@ class WorldConfig(Strict):
                                  "test": {CHAIN: 210, NUMERIC: 210, COMPARE: 210}},
         description="Questions per split and family (capped by what the split's anchors allow).")
     drills: int = Field(1000, ge=0, description="Subtraction drills in the teacher's corpus.")
-    name_only_companies: int = Field(300, ge=0, description="Companies the teacher meets only by name, in worked "
+    name_only_companies: int = Field(1500, ge=0, description="Companies the teacher meets only by name, in worked "
                                      "decompositions and self-ask steps (no facts): principle 7.")
-    name_only_questions: dict[str, int] = Field(default_factory=lambda: {CHAIN: 500, NUMERIC: 400, COMPARE: 200},
+    name_only_questions: dict[str, int] = Field(default_factory=lambda: {CHAIN: 2000, NUMERIC: 1500, COMPARE: 800},
                                                 description="Name-only questions per family (teacher corpus only).")
 
 
