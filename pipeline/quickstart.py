@@ -109,11 +109,9 @@ class Plan:
     @classmethod
     def of(cls, small: bool) -> "Plan":
         if small:
-            world = W.WorldConfig(cities=8, last_names=12, teacher_companies=16, student_companies=24,
-                                  questions={"teacher": {W.CHAIN: 40, W.NUMERIC: 40, W.COMPARE: 20},
-                                             "train": {W.CHAIN: 36, W.NUMERIC: 36}, "test": {W.CHAIN: 12, W.NUMERIC: 12, W.COMPARE: 12}},
-                                  drills=200, name_only_companies=40,
-                                  name_only_questions={W.CHAIN: 40, W.NUMERIC: 30, W.COMPARE: 20})
+            world = W.WorldConfig(cities=8, last_names=12, companies=24, drills=200,
+                                  questions={"teacher": {W.CHAIN: 24, W.NUMERIC: 24, W.COMPARE: 12},
+                                             "train": {W.CHAIN: 24, W.NUMERIC: 24}, "test": {W.CHAIN: 12, W.NUMERIC: 12, W.COMPARE: 12}})
             return cls(world, ModelSpec(48, 2, 4, 300, 1e-2), ModelSpec(32, 1, 4, 20, 1e-2), ModelSpec(32, 1, 4, 20, 1e-2),
                        test_per_family=None)
         return cls(W.WorldConfig(), ModelSpec(96, 3, 4, 3000, 6e-3), ModelSpec(64, 2, 4, 600, 1e-2), ModelSpec(64, 2, 4, 600, 1e-2))

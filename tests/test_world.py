@@ -11,8 +11,7 @@ from pipeline.data import SourceConfig, load_questions
 from pipeline.data import world as W
 from pipeline.data import world_corpus as C
 
-SMALL = W.WorldConfig(seed=5, cities=8, last_names=12, teacher_companies=20, student_companies=24, name_only_companies=30,
-                      name_only_questions={W.CHAIN: 20, W.NUMERIC: 20, W.COMPARE: 10},
+SMALL = W.WorldConfig(seed=5, cities=8, last_names=12, companies=30,
                       questions={"teacher": {W.CHAIN: 30, W.NUMERIC: 30, W.COMPARE: 20},
                                  "train": {W.CHAIN: 30, W.NUMERIC: 30}, "test": {W.CHAIN: 24, W.NUMERIC: 24, W.COMPARE: 24}},
                       drills=50)
@@ -52,20 +51,20 @@ def _anchors(world: W.World, q) -> set[str]:
     return {n for n in names if n in q.question}
 
 
-def test_test_entities_occur_in_train_questions_but_not_their_test_facts(world):
-    """Principles 3 and 4: a student meets every test entity's name in train questions, while the teacher's
-    worked examples use other companies, and a company's train and test questions are of different families."""
-    test = set().union(*(_anchors(world, q) for q in world.questions["test"] if q.dataset != W.HELD_OUT_FAMILY))
-    train = set().union(*(_anchors(world, q) for q in world.questions["train"]))
-    teacher = set().union(*(_anchors(world, q) for q in world.questions["teacher"]))
-    assert test <= train | {world.companies[c].founder for c in train if c in world.companies}
-    assert not (test | train) & teacher
-    family_of = {}
-    for split in ("train", "test"):
-        for q in world.questions[split]:
-            for name in _anchors(world, q) & set(world.companies):
-                family_of.setdefault((name, q.dataset), set()).add(split)
-    assert all(len(splits) == 1 for splits in family_of.values()), "a company has one family's questions in two splits"
+def test_every_split_asks_about_every_company_never_the_same_question(world):
+    """Principle 3: a test question's companies are named in train questions, a company's chain templates
+    are dealt one per split, and no question text is in two splits."""
+    companies = set(world.companies)
+    named = {s: set().union(*(_anchors(world, q) & companies for q in world.questions[s])) for s in W.SPLITS}
+    assert named["test"] <= named["train"] and named["test"] <= named["teacher"]
+    chain_templates = {}
+    for s in W.SPLITS:
+        for q in world.questions[s]:
+            if q.dataset == W.CHAIN:
+                (name,) = _anchors(world, q) & companies
+                chain_templates.setdefault(name, []).append((s, q.gold_subquestions[-1]))
+    for name, seen in chain_templates.items():
+        assert len({s for s, _ in seen}) == len(seen) and len({t for _, t in seen}) == len(seen), name
 
 
 _SENTENCE = re.compile(r"^The (?P<noun>[a-z ]+) of (?P<s>.+) is (?P<o>.+)\.$")
@@ -149,7 +148,7 @@ def test_teacher_corpus_is_the_pipelines_prompts_and_parses_back():
     for r in rows:
         assert r["messages"][-1]["role"] == "assistant"
         assert not any(q in m["content"] for m in r["messages"] for q in held_out if r["kind"] != "fact"), r["id"]
-    teacher_qs = {q.id: q for q in w.questions["teacher"] + w.questions["names"]}
+    teacher_qs = {q.id: q for q in w.questions["teacher"]}
     for r in rows:
         target = r["messages"][-1]["content"]
         q = teacher_qs.get(r["question_id"])

@@ -33,31 +33,27 @@ results agree with the paper):
    question.
 2. *What students see: only the teacher's outputs on the* ``train`` *split*, selected as in
    the paper (S_D-T, S_D-R, S_E-T, S_E-A). No facts, no drills.
-3. *Why solver students lack knowledge the teacher has.* Students learn only from traces of
-   ``train`` questions, and a test question asks for facts those traces do not state: the
-   student companies are split in two halves; a company of half 0 has its entity-chain
-   questions in ``train`` and its numeric questions in ``test``, half 1 the other way round,
-   and the held-out family is test-only. A test question's entities thus occur in training
-   questions (as a real test set names things a pretrained student has read about), while
-   most of the facts it needs do not (shared ones, e.g. a founder's name, are counted by the
-   coverage figure, not forced to 0). The teacher's worked examples use other companies.
-4. *Names a tiny model can both memorize and copy.* Every entity has one identifying word
-   (a company: "<word> <kind>"; a person: "<first> <last>" with a unique first name and a
-   pooled surname), so a fact is keyed by one token (measured: a 2-layer model memorizes
-   such facts about 10x faster than facts keyed by a two-word combination of pool words).
-   A decomposer copies names from the question, which it can do for every token it met in
-   training: principle 3 makes every test entity occur in ``train`` questions.
+3. *Every split asks about every company, never the same thing.* A company's three entity-chain
+   templates are dealt out one to each split, its single-company numeric question goes to one
+   split, and pair questions are distinct pairs. So a test question names entities the
+   students met in training questions (as a real test set names things a pretrained student
+   has read about), while it asks for facts its training questions mostly did not: the
+   solver students lack knowledge the teacher has. Shared facts (a founder's name is the first
+   hop of several templates) are counted by the coverage figure, not forced to 0.
+4. *Names a tiny model can memorize.* Every entity has one identifying word (a company:
+   "<word> <kind>"; a person: "<first> <last>" with a unique first name and a pooled surname),
+   so a fact is keyed by one token (measured: a 2-layer model memorizes such facts about 10x
+   faster than facts keyed by a two-word combination of pool words).
 5. *A vocabulary sized to the world.* Every word of the world is a pool word or a template
    word; numbers are written digit by digit by the tokenizer (see
-   :func:`pipeline.tiny_models.build_world_tokenizer`), so arithmetic is over digits.
-7. *A teacher that can decompose any question.* A pretrained LLM copies any name it reads into
-   a subquestion; a model trained from scratch learns that only from many different names
-   (measured: 40 companies' worked examples gave a teacher that memorized facts but copied the
-   names of other companies into 4 % of its decompositions). So the teacher's corpus also
-   decomposes (and self-asks about) questions over ``name_only_companies`` that it knows
-   nothing else about: no facts of theirs are in its corpus, no answer of theirs is a target.
-8. *No question in two splits*; test has at least 200 questions per family; the held-out
-   family has no ``train`` questions.
+   :func:`pipeline.tiny_models.train_word_tokenizer`), so arithmetic is over digits.
+6. *Why not disjoint entities per split* (the first design, measured before any student was
+   trained): a model trained from scratch copies a name into a subquestion only if it met
+   that name in such a position; with the test split's companies unseen in any worked
+   example, a teacher that recalled 100 % of their facts copied their names into 4-27 % of
+   its decompositions (benchmarks/results/probe_world.md).
+7. *No question in two splits*; test has at least 200 questions per family; the held-out
+   family (``world_compare``) has no ``train`` questions.
 """
 
 from __future__ import annotations
@@ -84,20 +80,15 @@ class WorldConfig(Strict):
     """Size of the generated world. The defaults are the embedded default's world."""
 
     seed: int = Field(0, description="Everything (names, facts, questions, splits) follows from it.")
-    cities: int = Field(24, ge=4, description="Cities (shared by every split), each with a mayor.")
+    cities: int = Field(24, ge=4, description="Cities, each with a mayor.")
     last_names: int = Field(40, ge=4, description="Pooled surnames (first names are one per person).")
-    teacher_companies: int = Field(60, ge=2, description="Companies of the teacher's worked examples only.")
-    student_companies: int = Field(140, ge=4, description="Companies of the train and test questions (two halves).")
+    companies: int = Field(210, ge=6, description="Companies (each with a founder); every split asks about every one.")
     questions: dict[str, dict[str, int]] = Field(
-        default_factory=lambda: {"teacher": {CHAIN: 180, NUMERIC: 200, COMPARE: 120},
+        default_factory=lambda: {"teacher": {CHAIN: 210, NUMERIC: 210, COMPARE: 150},
                                  "train": {CHAIN: 210, NUMERIC: 210},
                                  "test": {CHAIN: 210, NUMERIC: 210, COMPARE: 210}},
-        description="Questions per split and family (capped by what the split's anchors allow).")
+        description="Questions per split and family (entity chains: at most one per company and split).")
     drills: int = Field(1000, ge=0, description="Subtraction drills in the teacher's corpus.")
-    name_only_companies: int = Field(1500, ge=0, description="Companies the teacher meets only by name, in worked "
-                                     "decompositions and self-ask steps (no facts): principle 7.")
-    name_only_questions: dict[str, int] = Field(default_factory=lambda: {CHAIN: 2000, NUMERIC: 1500, COMPARE: 800},
-                                                description="Name-only questions per family (teacher corpus only).")
 
 
 # ---------------------------------------------------------------- names
@@ -157,7 +148,6 @@ class Company:
     founder: str
     founded: int
     home: str
-    group: str  # "teacher" | "half0" | "half1" (see principle 3)
 
 
 @dataclass
@@ -180,8 +170,6 @@ class World:
         """Every single-hop fact ``(relation, subject, object)``, in a fixed order."""
         out: list[tuple[str, str, Any]] = [("mayor", c, self.mayors[c]) for c in self.cities]
         for co in self.companies.values():
-            if co.group == "names":  # known by name only (principle 7)
-                continue
             out += [("founder", co.name, co.founder), ("founded", co.name, co.founded), ("home", co.name, co.home)]
             p = self.people[co.founder]
             out += [("birth_city", p.name, p.birth_city), ("birth_year", p.name, p.birth_year)]
@@ -198,31 +186,19 @@ class World:
         return [q for s in SPLITS for q in self.questions.get(s, [])]
 
 
-GROUPS = ("teacher", "half0", "half1", "names")
-
-
 def _build_entities(cfg: WorldConfig, rng: random.Random) -> World:
     taken: set[str] = set()
     cities = _pseudo_words(rng, cfg.cities, taken)
-    half = cfg.student_companies // 2
-    sizes = {"teacher": cfg.teacher_companies, "half0": half, "half1": cfg.student_companies - half,
-             "names": cfg.name_only_companies}
-    n_companies = sum(sizes.values())
     lasts = _pseudo_words(rng, cfg.last_names, taken)
-    person_names = [f"{first} {rng.choice(lasts)}" for first in _pseudo_words(rng, n_companies + cfg.cities, taken)]
-    company_names = [f"{word} {rng.choice(COMPANY_KINDS)}" for word in _pseudo_words(rng, n_companies, taken)]
+    person_names = [f"{first} {rng.choice(lasts)}" for first in _pseudo_words(rng, cfg.companies + cfg.cities, taken)]
+    company_names = [f"{word} {rng.choice(COMPANY_KINDS)}" for word in _pseudo_words(rng, cfg.companies, taken)]
     mayors = dict(zip(cities, person_names[: len(cities)]))
-    founders = person_names[len(cities):]
     people: dict[str, Person] = {}
     companies: dict[str, Company] = {}
-    i = 0
-    for group in GROUPS:
-        for _ in range(sizes[group]):
-            born = rng.randint(1900, 1959)
-            name, founder = company_names[i], founders[i]
-            people[founder] = Person(founder, rng.choice(cities), born)
-            companies[name] = Company(name, founder, rng.randint(born + 20, min(1999, born + 60)), rng.choice(cities), group)
-            i += 1
+    for name, founder in zip(company_names, person_names[len(cities):]):
+        born = rng.randint(1900, 1959)
+        people[founder] = Person(founder, rng.choice(cities), born)
+        companies[name] = Company(name, founder, rng.randint(born + 20, min(1999, born + 60)), rng.choice(cities))
     return World(cfg, cities, mayors, people, companies)
 
 
@@ -265,6 +241,7 @@ TEMPLATES = [
 class Worked:
     """A question worked out: static and self-ask subquestions, their answers, the answer."""
 
+    family: str
     question: str
     subquestions: list[str]  # static: later ones say "that person" for an earlier answer
     followups: list[str]  # self-ask: every entity named
@@ -305,48 +282,46 @@ def work(world: World, t: Template, a: str, b: Optional[str] = None) -> Optional
             follow.append(f"What is {hi} - {lo}?")
             answers.append(subtraction(hi, lo))
             answer = str(hi - lo)
-    return Worked(t.text.format(A=a, B=b), subqs, follow, answers, answer)
+    return Worked(t.family, t.text.format(A=a, B=b), subqs, follow, answers, answer)
 
 
-# Which companies' questions of a family go to a split (principle 3).
-SPLIT_GROUPS = {"teacher": {CHAIN: ("teacher",), NUMERIC: ("teacher",), COMPARE: ("teacher",)},
-                "names": {CHAIN: ("names",), NUMERIC: ("names",), COMPARE: ("names",)},
-                "train": {CHAIN: ("half0",), NUMERIC: ("half1",), COMPARE: ()},
-                "test": {CHAIN: ("half1",), NUMERIC: ("half0",), COMPARE: ("half0", "half1")}}
-
-
-def _anchors(world: World, split: str, family: str, kind: str) -> list[str]:
-    groups = SPLIT_GROUPS[split][family]
-    names = [c.name for c in world.companies.values() if c.group in groups]
-    return names if kind == "company" else [world.companies[n].founder for n in names]
-
-
-def _questions_of(world: World, split: str, family: str, n: int, rng: random.Random) -> list[Worked]:
-    """``n`` distinct questions of ``family`` over ``split``'s anchors: every single-anchor question
-    first (so every anchor of the split is named in one), then sampled pairs; each group shuffled."""
-    templates = [t for t in TEMPLATES if t.family == family]
-    singles: list[tuple[Template, str, Optional[str]]] = []
-    pairs_: list[tuple[Template, str, Optional[str]]] = []
-    for t in templates:
-        anchors = _anchors(world, split, family, t.anchor)
-        if not t.pair:
-            singles += [(t, a, None) for a in anchors]
-        else:
-            pairs = {(a, b) for a, b in (rng.sample(anchors, 2) for _ in range(3 * n))}
-            pairs_ += [(t, a, b) for a, b in sorted(pairs)]
-    rng.shuffle(singles)
-    rng.shuffle(pairs_)
-    cands = singles + pairs_
-    out, seen = [], set()
-    for t, a, b in cands:
-        w = work(world, t, a, b)
-        if w is None or w.question in seen:
-            continue
-        seen.add(w.question)
-        out.append(w)
-        if len(out) == n:
-            break
+def _assign(world: World, cfg: WorldConfig, rng: random.Random) -> dict[str, list[Worked]]:
+    """Every split's questions (principle 3): each company's entity-chain templates are dealt out one per
+    split; its single-company numeric question goes to one split; pair questions are distinct pairs,
+    dealt out until each split has its share."""
+    out: dict[str, list[Worked]] = {s: [] for s in SPLITS}
+    want = {s: dict(cfg.questions.get(s, {})) for s in SPLITS}
+    names = list(world.companies)
+    chain = [t for t in TEMPLATES if t.family == CHAIN]
+    for i, name in enumerate(names):
+        order = rng.sample(chain, len(chain))
+        for split, t in zip(SPLITS, order):
+            _add(out[split], want[split], world, t, name)
+        single = next(t for t in TEMPLATES if t.family == NUMERIC and not t.pair)
+        _add(out[SPLITS[i % len(SPLITS)]], want[SPLITS[i % len(SPLITS)]], world, single, name)
+    for t in [t for t in TEMPLATES if t.pair]:
+        splits = [s for s in SPLITS if want[s].get(t.family, 0) > 0]
+        tries = 0
+        while splits and tries < 50 * len(names) ** 2:
+            tries += 1
+            a, b = rng.sample(names, 2)
+            split = min(splits, key=lambda s: len([w for w in out[s] if w.family == t.family]) / want[s][t.family])
+            if _add(out[split], want[split], world, t, a, b, seen={w.question for v in out.values() for w in v}):
+                splits = [s for s in splits if want[s].get(t.family, 0) > 0]
     return out
+
+
+def _add(bucket: list[Worked], want: dict[str, int], world: World, t: Template, a: str, b: Optional[str] = None,
+         seen: Optional[set[str]] = None) -> bool:
+    """Work ``t`` out on ``a`` (``b``) into ``bucket`` while the split wants more of its family."""
+    if want.get(t.family, 0) <= 0:
+        return False
+    w = work(world, t, a, b)
+    if w is None or (seen is not None and w.question in seen):
+        return False
+    bucket.append(w)
+    want[t.family] -= 1
+    return True
 
 
 @functools.lru_cache(maxsize=4)
@@ -354,19 +329,14 @@ def _generate_cached(cfg_json: str) -> World:
     cfg = WorldConfig.model_validate_json(cfg_json)
     rng = random.Random(cfg.seed)
     world = _build_entities(cfg, rng)
-    for split in SPLITS:
+    for split, worked in _assign(world, cfg, rng).items():
+        per_family: dict[str, int] = {}
         qs: list[Question] = []
-        for family in FAMILIES:
-            n = cfg.questions.get(split, {}).get(family, 0)
-            for i, w in enumerate(_questions_of(world, split, family, n, rng) if n else []):
-                qs.append(Question(id=make_id(family, split, i), dataset=family, split=split, question=w.question,
-                                   answers=[w.answer], gold_subquestions=w.subquestions, gold_subanswers=w.subanswers))
+        for w in sorted(worked, key=lambda w: FAMILIES.index(w.family)):
+            i = per_family[w.family] = per_family.get(w.family, -1) + 1
+            qs.append(Question(id=make_id(w.family, split, i), dataset=w.family, split=split, question=w.question,
+                               answers=[w.answer], gold_subquestions=w.subquestions, gold_subanswers=w.subanswers))
         world.questions[split] = qs
-    world.questions["names"] = [
-        Question(id=make_id(family, "names", i), dataset=family, split="names", question=w.question, answers=[w.answer],
-                 gold_subquestions=w.subquestions, gold_subanswers=w.subanswers)
-        for family in FAMILIES for i, w in enumerate(_questions_of(world, "names", family, cfg.name_only_questions.get(family, 0), rng)
-                                                      if cfg.name_only_questions.get(family, 0) else [])]
     return world
 
 
@@ -428,8 +398,7 @@ def describe(world: World) -> dict[str, Any]:
     """Counts for logs and the findings: entities, facts, questions per split and family."""
     per = {s: {f: sum(1 for q in world.questions[s] if q.dataset == f) for f in FAMILIES} for s in SPLITS}
     return {"seed": world.config.seed, "cities": len(world.cities), "people": len(world.people) + len(world.mayors),
-            "companies": len(world.companies), "facts": len(world.facts()), "questions": per,
-            "name_only_questions": len(world.questions.get("names", []))}
+            "companies": len(world.companies), "facts": len(world.facts()), "questions": per}
 
 
 if __name__ == "__main__":  # python -m pipeline.data.world: a look at the default world

@@ -109,10 +109,6 @@ def teacher_corpus(world: W.World, kinds: Iterable[str] = KINDS, dynamic_every: 
     for i, q in enumerate(world.questions["teacher"]):
         ks = kinds if i % dynamic_every == 0 else kinds - {"dynamic", "dynamic_answer"}
         out += worked_rows(q, W.followups(world, q), ks, style)
-    for i, q in enumerate(world.questions.get("names", [])):  # name-only: asking, never answering (principle 7)
-        ks = kinds & ({"decompose", "dynamic"} if i % dynamic_every == 0 else {"decompose"})
-        out += [r for r in worked_rows(q, W.followups(world, q), ks, style)
-                if r["kind"] == "decompose" or r["messages"][-1]["content"].startswith("Follow up:")]
     return out
 
 
