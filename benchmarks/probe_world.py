@@ -315,7 +315,7 @@ def teacher_evaluator(world, tok, style, n_facts: int, n_questions: int) -> Call
     from pipeline.data import world_corpus
 
     rng = random.Random(1)
-    test_companies = {c.name for c in world.companies.values() if c.group != "teacher"}
+    test_companies = set(world.companies)
     test_people = {world.companies[c].founder for c in test_companies}
     facts = [f for f in world.facts() if f[1] in test_companies | test_people]
     facts = rng.sample(facts, min(n_facts, len(facts)))
@@ -444,9 +444,9 @@ def build_tokenizer(world, out_dir: str) -> str:
 def teacher_rows(world, args, style) -> list[dict]:
     from pipeline.data import world_corpus
 
-    rows = world_corpus.teacher_corpus(world, dynamic_every=args.dynamic_every, style=style)
-    facts = [r for r in rows if r["kind"] == "fact"]
-    return rows + facts * (args.fact_repeat - 1)
+    return world_corpus.teacher_corpus(world, dynamic_every=args.dynamic_every, style=style,
+                                       repeat={"fact": args.fact_repeat, "solve": args.solve_repeat,
+                                               "decompose": args.decompose_repeat})
 
 
 def get_teacher(world, tok, tok_dir: str, args, style, out_dir: str):
@@ -485,6 +485,7 @@ def parse_args(argv=None):
     a("--teacher-steps", type=int, default=600); a("--teacher-lr", type=float, default=3e-3)
     a("--teacher-batch", type=int, default=16); a("--seq-len", type=int, default=512)
     a("--fact-repeat", type=int, default=4, help="copies of each fact row in the teacher's corpus")
+    a("--solve-repeat", type=int, default=1); a("--decompose-repeat", type=int, default=1)
     a("--dynamic-every", type=int, default=1, help="self-ask traces for every k-th teacher question")
     a("--eval-every", type=int, default=100)
     a("--student-hidden", type=int, default=64); a("--student-layers", type=int, default=2)

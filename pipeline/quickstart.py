@@ -103,8 +103,8 @@ class Plan:
     samples_per_question: int = 2
     temperature: float = 0.7
     test_per_family: Optional[int] = 200
-    fact_repeat: int = 4
-    dynamic_every: int = 3
+    repeat: tuple[tuple[str, int], ...] = (("fact", 6), ("solve", 3), ("decompose", 2))
+    dynamic_every: int = 4
 
     @classmethod
     def of(cls, small: bool) -> "Plan":
@@ -187,8 +187,7 @@ class Quickstart:
     def train_teacher(self) -> None:
         """The teacher's corpus (facts, drills, worked ``teacher`` questions), then the train job."""
         plan = self.plan
-        rows = world_corpus.teacher_corpus(W.generate(plan.world), dynamic_every=plan.dynamic_every)
-        rows += [r for r in rows if r["kind"] == "fact"] * (plan.fact_repeat - 1)
+        rows = world_corpus.teacher_corpus(W.generate(plan.world), dynamic_every=plan.dynamic_every, repeat=dict(plan.repeat))
         corpus = world_corpus.write_teacher_corpus(self.p("teacher", "corpus"), rows)
         cfg = self.train_config(plan.teacher, {"train_path": corpus, "validation_path": None},
                                 {"tokenizer": "word"}, self.p("teacher", "model"), "teacher")

@@ -264,7 +264,8 @@ def test_score_dispatch() -> None:
 
 
 def test_primary_metric() -> None:
-    assert METRIC_NAME == {"gsm8k": "exact_match", "drop": "f1", "bamboogle": "accuracy", "generic": "accuracy"}
+    assert METRIC_NAME == {"gsm8k": "exact_match", "drop": "f1", "bamboogle": "accuracy", "generic": "accuracy",
+                           "world_chain": "accuracy", "world_numeric": "exact_match", "world_compare": "accuracy"}
     s = {"em": 0.0, "f1": 0.67, "correct": True}
     assert primary_metric("drop", s) == 0.67
     assert primary_metric("gsm8k", s) == 0.0

@@ -61,8 +61,9 @@ from __future__ import annotations
 import functools
 import json
 import random
+import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Iterator, Optional
 
 from pydantic import Field
 
@@ -352,8 +353,6 @@ def followups(world: World, q: Question) -> list[str]:
 
 def _worked(world: World, q: Question) -> Worked:
     """Rebuild the worked form of a question from its text (templates are unambiguous)."""
-    import re
-
     for t in TEMPLATES:
         if t.family != q.dataset:
             continue

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import pyarrow as pa
 
-from pipeline import prompts
+from pipeline import prompts, storage, tables
 from pipeline.data import world as W
 from pipeline.parsing import format_subquestions
 from pipeline.schema import Question
@@ -96,13 +96,21 @@ def worked_rows(q: Question, followups: list[str], kinds: Iterable[str] = WORKED
 
 
 def teacher_corpus(world: W.World, kinds: Iterable[str] = KINDS, dynamic_every: int = 1,
-                   style: Callable[[Messages], Messages] = lambda m: m) -> list[dict[str, Any]]:
+                   style: Callable[[Messages], Messages] = lambda m: m,
+                   repeat: Optional[dict[str, int]] = None) -> list[dict[str, Any]]:
     """Every row of the teacher's corpus (facts, drills, worked ``teacher``-split examples).
 
     ``dynamic_every``: self-ask traces for every k-th teacher question only (they are the
-    longest rows: a prompt re-sent per step).
+    longest rows: a prompt re-sent per step). ``repeat``: copies of each row of a kind in one
+    epoch (the mixture: facts need many more passes than drills).
     """
-    kinds = set(kinds)
+    rows = _teacher_rows(world, set(kinds), dynamic_every, style)
+    repeat = repeat or {}
+    return [r for r in rows for _ in range(repeat.get(r["kind"], 1))]
+
+
+def _teacher_rows(world: W.World, kinds: set[str], dynamic_every: int,
+                  style: Callable[[Messages], Messages]) -> list[dict[str, Any]]:
     out = fact_rows(world) if "fact" in kinds else []
     if "drill" in kinds:
         out += drill_rows(world.config.drills, world.config.seed)
@@ -123,8 +131,6 @@ def world_texts(world: W.World) -> list[str]:
 
 def write_teacher_corpus(out_dir: str, rows: list[dict[str, Any]]) -> str:
     """``<out_dir>/train/part-00000.parquet`` (the ``train`` job's ``data.train_path``); returns that path."""
-    from pipeline import storage, tables
-
     path = storage.join(out_dir, "train")
     tables.write_rows(storage.join(path, "part-00000.parquet"), rows, CORPUS_SCHEMA)
     return path

@@ -1,0 +1,62 @@
+"""The paper's pattern, checked on the full miniature (``divconq quickstart``, about 10+ minutes here).
+
+Marked ``pattern`` and left out of the default run (it is the whole experiment, not a unit of the
+machinery): ``.venv/bin/python -m pytest -m pattern``. It checks the claims of issue 12 with tolerances,
+on the held-out questions of the two trained families (the held-out family is the transfer test).
+Each claim is a comparison of two settings of one run; none is an exact value. A claim that does not
+reproduce at this scale is an ``xfail`` with the figures (README: Results), not a tuned world.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tests.conftest import free_port
+
+TRAINED = ("world_chain", "world_numeric")
+pytestmark = [pytest.mark.slow, pytest.mark.pattern, pytest.mark.timeout(3600)]
+
+
+def _score(table: dict, setting: str, datasets=TRAINED) -> float:
+    return 100 * sum(table[(setting, d)]["score"] for d in datasets) / len(datasets)
+
+
+def _tokens(table: dict, setting: str, datasets=TRAINED) -> float:
+    return sum(table[(setting, d)]["decomposer_tokens_per_q"] + table[(setting, d)]["solver_tokens_per_q"] for d in datasets)
+
+
+@pytest.fixture(scope="module")
+def table(ray_session, tmp_path_factory):
+    from ray_jobs import quickstart
+
+    out = str(tmp_path_factory.mktemp("pattern") / "qs")
+    assert quickstart.main(["--out", out, "--port", str(free_port())]) == 0
+    results = json.load(open(os.path.join(out, "report", "results.json")))
+    return {(row["setting"], row["dataset"]): row for row in results["table"]}
+
+
+TT, SDR, SDT = "teacher QD + teacher QA (static)", "S_D-R + teacher QA (served)", "S_D-T + teacher QA"
+
+
+def test_distilled_decomposer_keeps_the_teachers_quality(table):
+    assert _score(table, SDR) >= _score(table, TT) - 10
+    assert _score(table, SDR) >= _score(table, SDT) - 3  # S_D-R at least as good as S_D-T (3 points of noise)
+
+
+def test_distilled_solvers_lose(table):
+    for solver in ("teacher QD + S_E-T", "teacher QD + S_E-A"):
+        assert _score(table, solver) <= _score(table, TT) - 20, solver
+
+
+def test_two_stage_beats_single_stage_and_untrained_student_is_near_zero(table):
+    assert _score(table, TT) > _score(table, "single-stage teacher (direct)")
+    assert _score(table, "untrained student + teacher QA") <= 5
+
+
+def test_static_costs_at_most_half_the_tokens_of_dynamic_at_comparable_accuracy(table):
+    dynamic = "teacher QD + teacher QA (dynamic)"
+    assert 2 * _tokens(table, TT) <= _tokens(table, dynamic)
+    assert _score(table, TT) >= _score(table, dynamic) - 10
