@@ -236,11 +236,11 @@ class Quickstart:
         self.step("generate (teacher QD)", lambda: generation.run(updated(s.generate, {
             "input": {"path": self.p("prepare"), "splits": ["train"], "datasets": None},
             "output": {"dir": self.p("generate"), "shard_size": 256}, "teacher": self.remote(base_url, TEACHER_QD),
-            "sampling": {"n": plan.samples_per_question, "temperature": plan.temperature, "max_tokens": 64},
+            "sampling": {"n": plan.samples_per_question, "temperature": plan.temperature, "max_tokens": 80},
             "method": zero_shot, "pool": {"max_actors": 1, "num_cpus": 0.25}})))
         self.step("solve (teacher QA)", lambda: solving.run(updated(s.solve, {
             "input": {"path": self.p("generate")}, "output": {"dir": self.p("solve"), "shard_size": 256},
-            "solver": self.remote(base_url, TEACHER_QA), "sampling": {"max_tokens": 96}, "method": zero_shot,
+            "solver": self.remote(base_url, TEACHER_QA), "sampling": {"max_tokens": 112}, "method": zero_shot,
             "pool": {"max_actors": 1, "num_cpus": 0.25}})))
 
     def select(self) -> list[str]:
@@ -301,7 +301,7 @@ class Quickstart:
         cfg = updated(self.shipped.infer, {
             "input": test, "setting": setting.name, "mode": setting.mode, "decomposer": setting.decomposer,
             "solver": setting.solver, "output": {"dir": self.p("infer", setting.folder), "shard_size": 256},
-            "decomposer_sampling": {"max_tokens": 64}, "solver_sampling": {"max_tokens": 96},
+            "decomposer_sampling": {"max_tokens": 80}, "solver_sampling": {"max_tokens": 112},
             "method": {"decomposer_few_shot": False, "solver_few_shot": False, "max_dynamic_steps": 5},
             "pricing": PricingConfig(models=models), "pool": {"max_actors": 1, "num_cpus": 0.25}})
         self.step(f"infer: {setting.name}", lambda: inference.run(cfg))
@@ -349,11 +349,14 @@ class Quickstart:
 
 
 def _counts(manifest: Any) -> str:
-    """A short ``, rows: ...`` tail for a stage's progress line from its manifest's counts."""
+    """A short tail for a stage's progress line: rows in and out, quarantined, steps, accuracy."""
     counts = getattr(manifest, "counts", None) or {}
-    shown = {k: v for k, v in counts.items() if isinstance(v, (int, float)) and k in
-             ("rows", "questions", "written", "output_rows", "steps", "models", "quarantined", "train_rows")}
-    return (", " + ", ".join(f"{k} {v}" for k, v in shown.items())) if shown else ""
+    shown = [f"{k.replace('_', ' ')} {counts[k]}" for k in ("rows_in", "rows_out", "quarantined", "models", "steps", "train_rows")
+             if isinstance(counts.get(k), (int, float))]
+    accuracy = ((getattr(manifest, "model_extra", None) or {}).get("accuracy") or {}).get("all", {}).get("accuracy")
+    if accuracy is not None:
+        shown.append(f"correct {100 * accuracy:.1f} %")
+    return "".join(", " + x for x in shown)
 
 
 def run(cfg: QuickstartConfig, progress: Optional[Callable[[str], None]] = None) -> Manifest:

@@ -69,7 +69,8 @@ def train_word_tokenizer(texts: Iterable[str], special_tokens: Optional[list[str
                          chat_template: Optional[str] = CHAT_TEMPLATE):
     """A word-level tokenizer whose vocabulary is exactly the pieces of ``texts``: one token per
     word (with its leading space, SentencePiece-style "▁word"), per punctuation mark, per newline
-    and per digit (numbers are spelled digit by digit, so arithmetic is over digits).
+    and per number (a year is one token, as a name is: a tiny model copies and looks up one token far
+    more easily than four digits; measured in benchmarks/results/probe_world.md).
 
     Decoding is lossless for any text made of known pieces (``decode(encode(t)) == t``), so the
     project's parsers read model output exactly; an unknown piece becomes ``<|unk|>``. Meant for a
@@ -83,7 +84,6 @@ def train_word_tokenizer(texts: Iterable[str], special_tokens: Optional[list[str
         pre_tokenizers.Split(Regex(r"\n"), behavior="isolated"),
         pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=True),
         pre_tokenizers.Punctuation(behavior="isolated"),
-        pre_tokenizers.Digits(individual_digits=True),
     ])
     pieces = sorted({p for t in set(texts) for p, _ in pre.pre_tokenize_str(t)})  # sorted: ids independent of text order
     specials = list(special_tokens or SPECIAL_TOKENS) + [UNK]

@@ -64,9 +64,9 @@ def fact_rows(world: W.World) -> list[dict[str, Any]]:
 
 
 def drill_rows(n: int, seed: int, years: tuple[int, int] = (1900, 1999)) -> list[dict[str, Any]]:
-    """``n`` distinct subtractions ``hi - lo`` of two different years (a seeded sample)."""
+    """``n`` distinct subtractions ``hi - lo`` of two different years (a seeded sample of all the pairs)."""
     rng = random.Random(seed * 7919 + 1)
-    pairs = sorted({tuple(sorted(rng.sample(range(years[0], years[1] + 1), 2), reverse=True)) for _ in range(3 * n)})
+    pairs = [(hi, lo) for hi in range(years[0], years[1] + 1) for lo in range(years[0], hi)]
     rng.shuffle(pairs)
     return [_row(f"drill:{hi}-{lo}", "drill", _chat(f"What is {hi} - {lo}?", W.subtraction(hi, lo)))
             for hi, lo in pairs[:n]]
