@@ -89,7 +89,7 @@ class ModelSpec:
     num_heads: int
     steps: int
     lr: float
-    batch: int = 16  # per worker (2 workers)
+    batch: int = 32  # rows per optimizer step (one worker)
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class Plan:
     samples_per_question: int = 2
     temperature: float = 0.7
     test_per_family: Optional[int] = 200
-    repeat: tuple[tuple[str, int], ...] = (("fact", 6), ("solve", 3), ("decompose", 2))
+    repeat: tuple[tuple[str, int], ...] = (("fact", 6),)
     dynamic_every: int = 4
 
     @classmethod
@@ -114,7 +114,7 @@ class Plan:
                                              "train": {W.CHAIN: 24, W.NUMERIC: 24}, "test": {W.CHAIN: 12, W.NUMERIC: 12, W.COMPARE: 12}})
             return cls(world, ModelSpec(48, 2, 4, 300, 1e-2), ModelSpec(32, 1, 4, 20, 1e-2), ModelSpec(32, 1, 4, 20, 1e-2),
                        test_per_family=None)
-        return cls(W.WorldConfig(), ModelSpec(96, 3, 4, 3000, 6e-3), ModelSpec(64, 2, 4, 600, 1e-2), ModelSpec(64, 2, 4, 600, 1e-2))
+        return cls(W.WorldConfig(), ModelSpec(64, 2, 4, 6000, 1e-2), ModelSpec(48, 2, 4, 500, 1e-2), ModelSpec(48, 2, 4, 500, 1e-2))
 
 
 @dataclass
@@ -201,6 +201,9 @@ class Quickstart:
                                "num_heads": spec.num_heads, "max_positions": 512}},
             "optim": {"lr": spec.lr, "warmup_ratio": 0.05, "betas": (0.9, 0.95)},
             "deepspeed": {"micro_batch_size": spec.batch},
+            # one worker, one thread: on 2 cores two gloo workers spend most of their time spinning in the
+            # kernel (measured: 7.8k tokens/s for two workers vs 30k for one, benchmarks/results/probe_world.md)
+            "scaling": {"num_workers": 1, "cpus_per_worker": 1},
             "schedule": {"max_steps": spec.steps, "epochs": 1000, "checkpoint_every_steps": max(100, spec.steps // 4),
                          "eval_every_epoch": False},
             "output": {"dir": out_dir, "checkpoint_dir": self.p("checkpoints"), "run_name": name}})

@@ -119,6 +119,11 @@ def recipe_main(config: dict[str, Any]) -> None:
     quiet_worker_logs()
     choose_accelerator(plan.models[0].cfg.scaling.use_gpu)
     worker = Worker.current(plan.models[0].cfg.scaling.use_gpu)
+    if not worker.use_gpu:
+        # as many threads as the worker's CPUs: torch defaults to every core, and its OpenMP threads spin
+        # in the kernel while other processes hold the cores (measured on 2 cores: 8k tokens/s for a tiny
+        # Llama with the default, 30k with one thread; benchmarks/results/probe_world.md)
+        torch.set_num_threads(max(1, int(plan.models[0].cfg.scaling.cpus_per_worker)))
     for i, model in enumerate(plan.models):
         recipe = SFTRecipe(model, worker, several=plan.several, callbacks=plan.callbacks)
         if i == 0:
@@ -145,7 +150,7 @@ class SFTRecipe:
         self._session_start, self._session_cpu = time.time(), time.process_time()
         self._tokens_base = 0.0  # tokens trained before this session (resumed runs)
         self._start_step = 0
-        self._reports = 0
+        self._reports, self._last_ray_report = 0, time.monotonic()
 
     # ================================================================ setup
     def setup(self) -> None:
@@ -372,8 +377,13 @@ class SFTRecipe:
 
     def _report(self, metrics: dict[str, Any], checkpoint: Optional[ray.train.Checkpoint] = None,
                 dir_name: Optional[str] = None) -> None:
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name)
-        self._reports += 1
+        # Ray Train's report waits for the controller's next poll (about 2 s here): metrics alone go to Ray
+        # at most every schedule.report_every_s, the callbacks (progress lines) see every one
+        now = time.monotonic()
+        if checkpoint is not None or metrics.get("done") or now - self._last_ray_report >= self.cfg.schedule.report_every_s:
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=dir_name)
+            self._last_ray_report = now
+            self._reports += 1
         self._call("on_report", metrics)
 
     # ================================================================ helpers

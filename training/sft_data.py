@@ -111,9 +111,11 @@ class TokenizedData:
 
 def tokenize_rows(tokenizer, rows: Iterable[dict[str, Any]], max_length: int) -> TokenizedData:
     out = TokenizedData()
+    seen: dict[tuple[tuple[str, str], ...], Example] = {}  # a corpus may repeat rows (the world's facts): render each once
     for r in rows:
         out.rows += 1
-        ex = tokenize_messages(tokenizer, r["messages"], max_length)
+        key = tuple((m["role"], m["content"]) for m in r["messages"])
+        ex = seen.get(key) or seen.setdefault(key, tokenize_messages(tokenizer, r["messages"], max_length))
         out.truncated_rows += int(ex.truncated)
         if all(t == IGNORE_INDEX for t in ex.labels):
             out.dropped_rows += 1
