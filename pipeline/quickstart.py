@@ -205,7 +205,7 @@ class Quickstart:
             # kernel (measured: 7.8k tokens/s for two workers vs 30k for one, benchmarks/results/probe_world.md)
             "scaling": {"num_workers": 1, "cpus_per_worker": 1},
             "schedule": {"max_steps": spec.steps, "epochs": 1000, "checkpoint_every_steps": max(100, spec.steps // 4),
-                         "eval_every_epoch": False},
+                         "checkpoint_every_epoch": False, "eval_every_epoch": False},
             "output": {"dir": out_dir, "checkpoint_dir": self.p("checkpoints"), "run_name": name}})
 
     # ------------------------------------------------------------ serving

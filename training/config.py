@@ -128,7 +128,9 @@ class OptimConfig(Strict):
 class ScheduleConfig(Strict):
     epochs: int = Field(1, ge=1)
     max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many optimizer steps (across epochs).")
-    checkpoint_every_steps: Optional[int] = Field(None, ge=1, description="Also checkpoint every N optimizer steps (always at epoch end).")
+    checkpoint_every_steps: Optional[int] = Field(None, ge=1, description="Also checkpoint every N optimizer steps.")
+    checkpoint_every_epoch: bool = Field(True, description="Checkpoint at each epoch's end (false: only every "
+                                         "checkpoint_every_steps and at the end; a small set's epoch is a few steps).")
     log_every_steps: int = Field(10, ge=1, description="Report metrics every N optimizer steps.")
     report_every_s: float = Field(30.0, ge=0, description="Metrics-only reports reach Ray Train at most this often (each "
                                   "waits for the controller's next poll: every 10 steps stalled a tiny model 75 % of the "

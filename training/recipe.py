@@ -194,10 +194,13 @@ class SFTRecipe:
             rows = sft_data.read_conversations(data.validation_path)
             self.val_data = sft_data.tokenize_rows(self.tokenizer, rows, data.max_length)
         gas = self.cfg.deepspeed.gradient_accumulation_steps
-        self.micro_per_epoch = [len(self.plan_epoch(e)) for e in range(self.cfg.schedule.epochs)]  # same on every rank
-        self.total_steps = sum(n // gas for n in self.micro_per_epoch)
-        if self.cfg.schedule.max_steps:
-            self.total_steps = min(self.total_steps, self.cfg.schedule.max_steps)
+        self.micro_per_epoch, steps, cap = [], 0, self.cfg.schedule.max_steps
+        for e in range(self.cfg.schedule.epochs):  # the same on every rank; planned only as far as max_steps reaches
+            self.micro_per_epoch.append(len(self.plan_epoch(e)))
+            steps += self.micro_per_epoch[-1] // gas
+            if cap and steps >= cap:
+                break
+        self.total_steps = min(steps, cap) if cap else steps
         self.state.total_steps = self.total_steps
 
     def plan_epoch(self, epoch: int) -> list[sft_data.Batch]:
@@ -263,7 +266,8 @@ class SFTRecipe:
         done = self.state.global_step >= self.total_steps or epoch + 1 >= self.cfg.schedule.epochs
         if self.cfg.schedule.eval_every_epoch or done:
             self.state.val_loss = self.validate()
-        self.save_checkpoint(epoch, position, done=done)
+        if done or self.cfg.schedule.checkpoint_every_epoch:
+            self.save_checkpoint(epoch, position, done=done)
 
     def train_step(self, batch: sft_data.Batch) -> None:
         """Forward, backward and (at accumulation boundaries, inside DeepSpeed) the optimizer step."""
