@@ -54,7 +54,6 @@ from pipeline.selection import SelectConfig
 from pipeline.serving.app import shutdown, start
 from pipeline.serving.config import ServeConfig
 from pipeline.solving import SolveConfig
-from pipeline.tiny_models import build_tiny_model
 from training import job as training_job
 from training.config import TrainConfig
 
@@ -100,11 +99,13 @@ class Plan:
     teacher: ModelSpec
     decomposer: ModelSpec
     solver: ModelSpec
+    student_base: ModelSpec
     samples_per_question: int = 2
     temperature: float = 0.7
     test_per_family: Optional[int] = 200
     repeat: tuple[tuple[str, int], ...] = (("fact", 6),)
     dynamic_every: int = 4
+    copy_rows: int = 4000
 
     @classmethod
     def of(cls, small: bool) -> "Plan":
@@ -113,8 +114,9 @@ class Plan:
                                   questions={"teacher": {W.CHAIN: 24, W.NUMERIC: 24, W.COMPARE: 12},
                                              "train": {W.CHAIN: 24, W.NUMERIC: 24}, "test": {W.CHAIN: 12, W.NUMERIC: 12, W.COMPARE: 12}})
             return cls(world, ModelSpec(48, 2, 4, 300, 1e-2), ModelSpec(32, 1, 4, 20, 1e-2), ModelSpec(32, 1, 4, 20, 1e-2),
-                       test_per_family=None)
-        return cls(W.WorldConfig(), ModelSpec(64, 2, 4, 6000, 1e-2), ModelSpec(48, 2, 4, 500, 1e-2), ModelSpec(48, 2, 4, 500, 1e-2))
+                       ModelSpec(32, 1, 4, 20, 1e-2), test_per_family=None, copy_rows=200)
+        return cls(W.WorldConfig(), ModelSpec(64, 2, 4, 6000, 1e-2), ModelSpec(48, 2, 4, 500, 3e-3), ModelSpec(48, 2, 4, 500, 3e-3),
+                   ModelSpec(48, 2, 4, 800, 1e-2))
 
 
 @dataclass
@@ -256,23 +258,31 @@ class Quickstart:
             self.progress(f"{name}: no training rows (the teacher gave none that qualify): not trained, its settings skipped")
         return have
 
-    def train_students(self, names: list[str]) -> None:
-        """The students in one train job (one Ray Train + DeepSpeed start-up for all)."""
+    def pretrain_student_base(self) -> str:
+        """The students' base: the student size, the teacher's tokenizer, pretrained only to copy names
+        (:func:`pipeline.data.world_corpus.copy_rows`), as the paper's students are pretrained LMs. It is
+        also the table's untrained student."""
+        plan = self.plan
+        rows = world_corpus.copy_rows(W.generate(plan.world), plan.copy_rows, seed=plan.world.seed)
+        corpus = world_corpus.write_teacher_corpus(self.p("student_base", "corpus"), rows)
+        cfg = self.train_config(plan.student_base, {"train_path": corpus, "validation_path": None},
+                                {"tokenizer_from": self.p("teacher", "model")}, self.p("student_base", "model"), "student_base")
+        self.step("pretrain the students' base (copying names)", lambda: training_job.run(cfg))
+        return self.p("student_base", "model")
+
+    def train_students(self, names: list[str], base: str) -> None:
+        """The students in one train job (one Ray Train + DeepSpeed start-up for all), each from ``base``."""
         plan, runs = self.plan, []
-        # the untrained student of the tables: the students' size and initialization (seed 0), no training
-        build_tiny_model(self.p("checkpoints", "untrained-student"), hidden_size=plan.decomposer.hidden_size,
-                         num_layers=plan.decomposer.num_layers, num_heads=plan.decomposer.num_heads, max_positions=512,
-                         tokenizer_from=self.p("teacher", "model"))
         if not names:
             return
         for name in names:
-            variant = STUDENTS[name]
             spec = plan.decomposer if name.startswith("S_D") else plan.solver
-            runs.append({"name": name, "data": {"train_path": self.p("select", variant, "train"), "validation_path": None},
-                         "output_dir": self.p("students", name), "schedule": {"max_steps": spec.steps}})
+            runs.append({"name": name, "data": {"train_path": self.p("select", STUDENTS[name], "train"), "validation_path": None},
+                         "output_dir": self.p("students", name), "schedule": {"max_steps": spec.steps},
+                         "optim": {"lr": spec.lr, "warmup_ratio": 0.05, "betas": (0.9, 0.95)}})
         cfg = self.train_config(plan.decomposer, {"train_path": runs[0]["data"]["train_path"], "validation_path": None},
-                                {"tokenizer_from": self.p("teacher", "model")}, self.p("students"), "students")
-        cfg = updated(cfg, {"runs": runs})
+                                {}, self.p("students"), "students")
+        cfg = updated(cfg, {"model": {"build_tiny": False, "name_or_path": base}, "runs": runs})
         self.step("train students", lambda: training_job.run(cfg))
 
     # ------------------------------------------------------------ evaluation
@@ -284,7 +294,7 @@ class Quickstart:
     def all_settings(self, base_url: str) -> list[Setting]:
         teacher_qd, teacher_qa = self.remote(base_url, TEACHER_QD), self.remote(base_url, TEACHER_QA)
         local = lambda name: HFBackendConfig(model=self.p("students", name), batch_size=64)  # noqa: E731
-        untrained = HFBackendConfig(model=self.p("checkpoints", "untrained-student"), batch_size=64)
+        untrained = HFBackendConfig(model=self.p("student_base", "model"), batch_size=64)
         t, s = "teacher", "student"
         return [Setting("single-stage teacher (direct)", "teacher-direct", "direct", None, teacher_qa, (t, t)),
                 Setting("teacher QD + teacher QA (static)", "teacher-static", "static", teacher_qd, teacher_qa, (t, t)),
@@ -336,7 +346,7 @@ class Quickstart:
         with self.served(self.p("teacher", "model"), TEACHER_QD) as base_url:
             self.distill(base_url)
         trained = self.select()
-        self.train_students(trained)
+        self.train_students(trained, self.pretrain_student_base())
         with self.served(self.p("teacher", "model"), TEACHER_QD) as base_url:
             settings = self.settings(base_url, trained)
             for setting in settings:

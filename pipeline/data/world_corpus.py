@@ -120,6 +120,23 @@ def _teacher_rows(world: W.World, kinds: set[str], dynamic_every: int,
     return out
 
 
+def copy_rows(world: W.World, n: int, seed: int) -> list[dict[str, Any]]:
+    """The students' pretraining: a user turn of the world's names echoed ("A. B." -> "A. B.").
+
+    The paper's students are pretrained LMs, which copy any name they read; a model trained from
+    scratch on a few hundred decompositions learns their shape but writes names it memorized
+    (measured: README, Results). This corpus gives the students that generic skill and nothing
+    else: no fact, no question, no task of the pipeline. The untrained student is this base.
+    """
+    rng = random.Random(seed * 104_729 + 7)
+    names = sorted(world.companies) + sorted(world.people) + sorted(world.mayors.values()) + list(world.cities)
+    out = []
+    for i in range(n):
+        text = " ".join(f"{name}." for name in rng.sample(names, rng.randint(1, 4)))  # only words the world's tokenizer has
+        out.append(_row(f"copy:{i}", "copy", _chat(text, text)))
+    return out
+
+
 def world_texts(world: W.World) -> list[str]:
     """Every text the pipeline may put before a model of this world: the tokenizer's corpus."""
     texts = [m["content"] for r in teacher_corpus(world) for m in r["messages"]]
