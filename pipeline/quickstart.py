@@ -115,7 +115,7 @@ class Plan:
                                              "train": {W.CHAIN: 24, W.NUMERIC: 24}, "test": {W.CHAIN: 12, W.NUMERIC: 12, W.COMPARE: 12}})
             return cls(world, ModelSpec(48, 2, 4, 300, 1e-2), ModelSpec(32, 1, 4, 20, 1e-2), ModelSpec(32, 1, 4, 20, 1e-2),
                        ModelSpec(32, 1, 4, 20, 1e-2), test_per_family=None, copy_rows=200)
-        return cls(W.WorldConfig(), ModelSpec(64, 2, 4, 6000, 1e-2), ModelSpec(48, 2, 4, 500, 3e-3), ModelSpec(48, 2, 4, 500, 3e-3),
+        return cls(W.WorldConfig(), ModelSpec(64, 2, 4, 6000, 1e-2), ModelSpec(48, 2, 4, 500, 1e-2), ModelSpec(48, 2, 4, 500, 1e-2),
                    ModelSpec(48, 2, 4, 800, 1e-2))
 
 
