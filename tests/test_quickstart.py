@@ -48,7 +48,9 @@ def test_quickstart_small_runs_every_stage(ray_session, tmp_path, capfd):
 
     # one line per stage on the terminal, the logs in a file; the summary table printed at the end
     assert "train teacher: done" in terminal and "evaluate: done" in terminal and "| setting |" in terminal
-    assert "TrainingReport" not in terminal and os.path.getsize(os.path.join(out, "logs", "quickstart.log")) > 1000
+    assert "TrainingReport" not in terminal
+    log_text = open(os.path.join(out, "logs", "quickstart.log")).read()  # Ray's own output went there, not to the terminal
+    assert log_text and "core_worker" not in terminal and "MapBatches" not in terminal
 
     # every setting answered every test question of every family once; the report's scores are the
     # per-question rows rescored here (quarantined rows count as wrong)
