@@ -225,14 +225,18 @@ def write_plots(results: dict[str, Any], out: str) -> list[str]:
     names = []
     kinds = ["metric", "tokens"] + (["quality"] if any(s.get("rouge_l") is not None for s in table) else [])
     for kind in kinds:
-        fig, axes = plt.subplots(1, len(datasets), figsize=(max(6, 4.5 * len(datasets)), 4.2), squeeze=False)
+        fig, axes = plt.subplots(1, len(datasets), figsize=(max(6, 4.5 * len(datasets)), 4.2 + 0.15 * max(0, len(settings) - 4)),
+                                 squeeze=False)
         for ax, ds in zip(axes[0], datasets):
             rows = [next((s for s in table if s["dataset"] == ds and s["setting"] == st), None) for st in settings]
             labels = [st for st, r in zip(settings, rows) if r]
             rows = [r for r in rows if r]
             x = range(len(rows))
             if kind == "metric":
-                ax.bar(x, [100 * (r["score"] or 0) for r in rows], color="#4C72B0")
+                ci = [r.get("score_ci95") or (r["score"] or 0, r["score"] or 0) for r in rows]
+                err = [[100 * ((r["score"] or 0) - lo) for r, (lo, _) in zip(rows, ci)],
+                       [100 * (hi - (r["score"] or 0)) for r, (_, hi) in zip(rows, ci)]]
+                ax.bar(x, [100 * (r["score"] or 0) for r in rows], color="#4C72B0", yerr=err, capsize=2)
                 ax.set_ylabel(f"{rows[0]['metric']} (%)")
                 ax.set_ylim(0, 100)
             elif kind == "quality":
@@ -250,7 +254,10 @@ def write_plots(results: dict[str, Any], out: str) -> list[str]:
                 ax.legend(fontsize=8)
             ax.set_title(ds)
             ax.set_xticks(list(x))
-            ax.set_xticklabels([_wrap(label) for label in labels], fontsize=7)
+            if len(labels) > 4:  # many settings: slanted one-line labels, which do not run into each other
+                ax.set_xticklabels(labels, fontsize=7, rotation=40, ha="right")
+            else:
+                ax.set_xticklabels([_wrap(label) for label in labels], fontsize=7)
         fig.tight_layout()
         name = f"{kind}.png"
         local = os.path.join(storage.localize(out), name) if storage.is_local(out) else os.path.join("/tmp", f"divconq-{os.getpid()}-{name}")
