@@ -107,3 +107,13 @@ def prepared_samples(tmp_path_factory):
     )
     prepare(cfg)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``pattern`` (the whole miniature, ~13 min) run only when ``-m`` names them."""
+    if "pattern" in (config.getoption("markexpr") or ""):
+        return
+    kept = [item for item in items if item.get_closest_marker("pattern") is None]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("pattern") is not None])
+        items[:] = kept

@@ -1,6 +1,6 @@
 """The paper's pattern, checked on the full miniature (``divconq quickstart``, about 10+ minutes here).
 
-Marked ``pattern`` and left out of the default run (it is the whole experiment, not a unit of the
+Marked ``pattern`` and left out of every run whose ``-m`` does not name it (tests/conftest.py; it is the whole experiment, not a unit of the
 machinery): ``.venv/bin/python -m pytest -m pattern``. It checks the claims of issue 12 with tolerances,
 on the held-out questions of the two trained families (the held-out family is the transfer test).
 Each claim is a comparison of two settings of one run; none is an exact value. A claim that does not
