@@ -102,7 +102,6 @@ class Plan:
     student_base: ModelSpec
     samples_per_question: int = 2
     temperature: float = 0.7
-    test_per_family: Optional[int] = 200
     repeat: tuple[tuple[str, int], ...] = (("fact", 6),)
     dynamic_every: int = 4
     copy_rows: int = 4000
@@ -114,7 +113,7 @@ class Plan:
                                   questions={"teacher": {W.CHAIN: 24, W.NUMERIC: 24, W.COMPARE: 12},
                                              "train": {W.CHAIN: 24, W.NUMERIC: 24}, "test": {W.CHAIN: 12, W.NUMERIC: 12, W.COMPARE: 12}})
             return cls(world, ModelSpec(48, 2, 4, 300, 1e-2), ModelSpec(32, 1, 4, 20, 1e-2), ModelSpec(32, 1, 4, 20, 1e-2),
-                       ModelSpec(32, 1, 4, 20, 1e-2), test_per_family=None, copy_rows=200)
+                       ModelSpec(32, 1, 4, 20, 1e-2), copy_rows=200)
         return cls(W.WorldConfig(), ModelSpec(64, 2, 4, 6000, 1e-2), ModelSpec(48, 2, 4, 500, 1e-2), ModelSpec(48, 2, 4, 500, 1e-2),
                    ModelSpec(48, 2, 4, 800, 1e-2))
 
@@ -165,7 +164,6 @@ class Quickstart:
         self.shipped = Shipped.load()
         self.timings: dict[str, float] = {}
         self.progress = progress or (lambda line: log.info("%s", line))
-        self.base_url = ""
 
     def p(self, *parts: str) -> str:
         return storage.join(self.out, *parts)
@@ -190,7 +188,7 @@ class Quickstart:
         """The teacher's corpus (facts, drills, worked ``teacher`` questions), then the train job."""
         plan = self.plan
         rows = world_corpus.teacher_corpus(W.generate(plan.world), dynamic_every=plan.dynamic_every, repeat=dict(plan.repeat))
-        corpus = world_corpus.write_teacher_corpus(self.p("teacher", "corpus"), rows)
+        corpus = world_corpus.write_corpus(self.p("teacher", "corpus"), rows)
         cfg = self.train_config(plan.teacher, {"train_path": corpus, "validation_path": None},
                                 {"tokenizer": "word"}, self.p("teacher", "model"), "teacher")
         self.step("train teacher", lambda: training_job.run(cfg))
@@ -213,7 +211,7 @@ class Quickstart:
     # ------------------------------------------------------------ serving
     @contextmanager
     def served(self, decomposer: str, decomposer_name: str) -> Iterator[str]:
-        """Serve ``decomposer`` and the teacher as solver; yields the OpenAI base URL (``.../v1``)."""
+        """Serve ``decomposer`` and the teacher as solver; yields the app's base URL."""
         cfg = updated(self.shipped.serve, {
             "decomposer": {"model": decomposer, "served_name": decomposer_name, "max_batch_size": 64,
                            "max_ongoing_requests": 128, "ray_actor_options": {"num_cpus": 0.25}},
@@ -226,12 +224,13 @@ class Quickstart:
         base = start(cfg)
         self.timings[f"serve {decomposer_name} (start)"] = round(time.time() - t0, 1)
         try:
-            yield base + "/v1"
+            yield base
         finally:
             shutdown(cfg.app_name)
 
     def remote(self, base_url: str, name: str) -> OpenAIBackendConfig:
-        return OpenAIBackendConfig(base_url=base_url, model=name, api_key_env=None, concurrency=64, timeout_s=300)
+        """The served model ``name`` as an OpenAI-compatible backend of ``base_url``'s app."""
+        return OpenAIBackendConfig(base_url=base_url + "/v1", model=name, api_key_env=None, concurrency=64, timeout_s=300)
 
     # ------------------------------------------------------------ distillation
     def distill(self, base_url: str) -> None:
@@ -264,7 +263,7 @@ class Quickstart:
         also the table's untrained student."""
         plan = self.plan
         rows = world_corpus.copy_rows(W.generate(plan.world), plan.copy_rows, seed=plan.world.seed)
-        corpus = world_corpus.write_teacher_corpus(self.p("student_base", "corpus"), rows)
+        corpus = world_corpus.write_corpus(self.p("student_base", "corpus"), rows)
         cfg = self.train_config(plan.student_base, {"train_path": corpus, "validation_path": None},
                                 {"tokenizer_from": self.p("teacher", "model")}, self.p("student_base", "model"), "student_base")
         self.step("pretrain the students' base (copying names)", lambda: training_job.run(cfg))
@@ -324,7 +323,7 @@ class Quickstart:
         with self.served(self.p("students", "S_D-R"), STUDENT_QD) as base_url:
             question = W.generate(self.plan.world).questions["test"][0].to_row()
             body = {"question": question["question"], "dataset": question["dataset"]}
-            demo = httpx.post(base_url[: -len("/v1")] + "/v1/solve", json=body, timeout=120).json()
+            demo = httpx.post(base_url + "/v1/solve", json=body, timeout=120).json()
             storage.write_json(self.p("serve_demo.json"), demo)
             setting = Setting("S_D-R + teacher QA (served)", "sd_r-served", "static", self.remote(base_url, STUDENT_QD),
                               self.remote(base_url, TEACHER_QA), ("student", "teacher"))

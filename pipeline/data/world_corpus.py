@@ -146,7 +146,7 @@ def world_texts(world: W.World) -> list[str]:
     return texts
 
 
-def write_teacher_corpus(out_dir: str, rows: list[dict[str, Any]]) -> str:
+def write_corpus(out_dir: str, rows: list[dict[str, Any]]) -> str:
     """``<out_dir>/train/part-00000.parquet`` (the ``train`` job's ``data.train_path``); returns that path."""
     path = storage.join(out_dir, "train")
     tables.write_rows(storage.join(path, "part-00000.parquet"), rows, CORPUS_SCHEMA)
