@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -14,22 +15,41 @@ from typing import Iterator, TextIO
 PROGRESS = re.compile(r"(train \S+: step \d+/\d+.*|\S+: \d+/\d+ shards, \d+ rows.*)$")
 
 
+def _stream_handlers() -> list[logging.StreamHandler]:
+    loggers = [logging.getLogger()] + [l for l in logging.Logger.manager.loggerDict.values() if isinstance(l, logging.Logger)]
+    return [h for l in loggers for h in l.handlers
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+
+
 @contextmanager
 def logs_to_file(path: str) -> Iterator[TextIO]:
-    """Send this process's stdout/stderr (Ray's worker logs, logging) to ``path``; yield the terminal."""
+    """Send this process's output (Ray's worker logs, logging, C++ core logs) to ``path``; yield the terminal.
+
+    Three layers are redirected because each can bypass the others: file descriptors 1/2 (native code,
+    subprocesses), ``sys.stdout``/``sys.stderr`` (Ray's driver prints worker logs through them, and a
+    host such as pytest may point them elsewhere than fd 1/2), and logging handlers that captured the old
+    stream objects when they were created (Ray Data's progress logger).
+    """
     os.makedirs(os.path.dirname(path), exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     saved_out, saved_err = os.dup(1), os.dup(2)
+    saved_streams = sys.stdout, sys.stderr
     with open(path, "a", buffering=1) as log_file:
+        terminal = os.fdopen(os.dup(saved_out), "w", buffering=1)
         os.dup2(log_file.fileno(), 1)
         os.dup2(log_file.fileno(), 2)
-        terminal = os.fdopen(os.dup(saved_out), "w", buffering=1)
+        sys.stdout = sys.stderr = log_file
+        handlers = {h: h.stream for h in _stream_handlers() if h.stream in saved_streams}
+        for handler in handlers:
+            handler.setStream(log_file)
         try:
             yield terminal
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            for handler, stream in handlers.items():
+                handler.setStream(stream)
+            log_file.flush()
+            sys.stdout, sys.stderr = saved_streams
             os.dup2(saved_out, 1)
             os.dup2(saved_err, 2)
             os.close(saved_out)

@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     log_path = os.path.join(local_out, "logs", "quickstart.log")
 
     def body() -> None:
+        setup_logging()  # before the redirect, so the handler's stream is swapped to the log and back
         with logs_to_file(log_path) as terminal:
-            setup_logging()
             stages = StageLines(terminal, log_path)
             terminal.write(f"divconq quickstart: logs in {log_path}\n")
             try:
