@@ -263,21 +263,9 @@ def dynamic(dec: Gen, sol: Gen, rows: list[dict], style, max_steps: int = 6) -> 
     return st
 
 
-# ---------------------------------------------------------------- prompt style (measured, not the default)
-_COMPACT = [("Break the question", "Decompose."), ("Answer the subquestions", "Solve."), ("Answer the question.", "Answer."),
-            ("Solve the question by asking", "Self-ask."), ("Answer the follow-up", "Answer the follow-up.")]
-
-
+# ---------------------------------------------------------------- prompt style
 def project_style(m: Messages) -> Messages:
-    return m
-
-
-def compact_style(m: Messages) -> Messages:
-    """The project's prompts with each system message cut to a few words (a measured alternative)."""
-    if m and m[0]["role"] == "system":
-        for prefix, short in _COMPACT:
-            if m[0]["content"].startswith(prefix):
-                return [{"role": "system", "content": short}] + m[1:]
+    """The project's prompts as they are (the probe's functions take a style; compact prompts were measured and dropped)."""
     return m
 
 
@@ -444,7 +432,7 @@ def build_tokenizer(world, out_dir: str) -> str:
 def teacher_rows(world, args, style) -> list[dict]:
     from pipeline.data import world_corpus
 
-    return world_corpus.teacher_corpus(world, dynamic_every=args.dynamic_every, style=style,
+    return world_corpus.teacher_corpus(world, dynamic_every=args.dynamic_every,
                                        repeat={"fact": args.fact_repeat, "solve": args.solve_repeat,
                                                "decompose": args.decompose_repeat})
 
@@ -480,7 +468,6 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--tag", default="", help="suffix of the result files")
     a("--seed", type=int, default=0)
-    a("--prompt-style", choices=["project", "compact"], default="project")
     a("--teacher-hidden", type=int, default=128); a("--teacher-layers", type=int, default=4)
     a("--teacher-steps", type=int, default=600); a("--teacher-lr", type=float, default=3e-3)
     a("--teacher-batch", type=int, default=16); a("--seq-len", type=int, default=512)
@@ -513,7 +500,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     report = common.Report(NAME, args, "probe_world: the miniature experiment in one process")
-    style = compact_style if args.prompt_style == "compact" else project_style
+    style = project_style
     scratch = common.scratch(NAME + args.tag, clean=not args.reuse_teacher)
     world = W.generate(W.WorldConfig(seed=args.seed, drills=args.drills))
     tok_dir = build_tokenizer(world, os.path.join(scratch, "tokenizer"))

@@ -25,7 +25,7 @@ The targets are what the project's parsers read: :func:`~pipeline.parsing.format
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import pyarrow as pa
 
@@ -72,15 +72,14 @@ def drill_rows(n: int, seed: int, years: tuple[int, int] = (1900, 1999)) -> list
             for hi, lo in pairs[:n]]
 
 
-def worked_rows(q: Question, followups: list[str], kinds: Iterable[str] = WORKED_KINDS,
-                style: Callable[[Messages], Messages] = lambda m: m) -> list[dict[str, Any]]:
-    """The teacher's worked examples of one question (``style`` may rewrite each prompt)."""
+def worked_rows(q: Question, followups: list[str], kinds: Iterable[str] = WORKED_KINDS) -> list[dict[str, Any]]:
+    """The teacher's worked examples of one question."""
     row, subqs, subans, answer = q.to_row(), list(q.gold_subquestions or []), list(q.gold_subanswers or []), q.answers[0]
     out: list[dict[str, Any]] = []
 
     def add(kind: str, prompt: Messages, target: str, step: int = 0) -> None:
         if kind in kinds:
-            out.append(_row(f"{kind}:{q.id}:{step}", kind, style(prompt) + [{"role": "assistant", "content": target}], q))
+            out.append(_row(f"{kind}:{q.id}:{step}", kind, prompt + [{"role": "assistant", "content": target}], q))
 
     add("decompose", prompts.decomposer_messages(row, few_shot=False), format_subquestions(subqs))
     add("solve", prompts.solver_messages(row, subqs, few_shot=False), prompts.format_solver_output(subans, answer))
@@ -96,7 +95,6 @@ def worked_rows(q: Question, followups: list[str], kinds: Iterable[str] = WORKED
 
 
 def teacher_corpus(world: W.World, kinds: Iterable[str] = KINDS, dynamic_every: int = 1,
-                   style: Callable[[Messages], Messages] = lambda m: m,
                    repeat: Optional[dict[str, int]] = None) -> list[dict[str, Any]]:
     """Every row of the teacher's corpus (facts, drills, worked ``teacher``-split examples).
 
@@ -104,19 +102,18 @@ def teacher_corpus(world: W.World, kinds: Iterable[str] = KINDS, dynamic_every: 
     longest rows: a prompt re-sent per step). ``repeat``: copies of each row of a kind in one
     epoch (the mixture: facts need many more passes than drills).
     """
-    rows = _teacher_rows(world, set(kinds), dynamic_every, style)
+    rows = _teacher_rows(world, set(kinds), dynamic_every)
     repeat = repeat or {}
     return [r for r in rows for _ in range(repeat.get(r["kind"], 1))]
 
 
-def _teacher_rows(world: W.World, kinds: set[str], dynamic_every: int,
-                  style: Callable[[Messages], Messages]) -> list[dict[str, Any]]:
+def _teacher_rows(world: W.World, kinds: set[str], dynamic_every: int) -> list[dict[str, Any]]:
     out = fact_rows(world) if "fact" in kinds else []
     if "drill" in kinds:
         out += drill_rows(world.config.drills, world.config.seed)
     for i, q in enumerate(world.questions["teacher"]):
         ks = kinds if i % dynamic_every == 0 else kinds - {"dynamic", "dynamic_answer"}
-        out += worked_rows(q, W.followups(world, q), ks, style)
+        out += worked_rows(q, W.followups(world, q), ks)
     return out
 
 
