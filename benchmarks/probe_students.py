@@ -64,6 +64,20 @@ def measure(name: str, model, tok, teacher: Any, rows: list[dict]) -> dict[str, 
     return {"families": fams, "examples": [d["subquestions"] for d in decs[:3]]}
 
 
+def training_set(run: str, name: str) -> list[dict]:
+    """A selected set of the run (S_D-T, S_D-R), or ``gold-<split>``: the gold decompositions of a world split
+    (not a student of the paper: a probe of whether more, or cleaner, rows teach copying)."""
+    from pipeline import storage, tables
+    from pipeline.data import world as W
+    from pipeline.data import world_corpus
+    from pipeline.quickstart import Plan
+
+    if name.startswith("gold-"):
+        world = W.generate(Plan.of(False).world)
+        return [r for q in world.questions[name[5:]] for r in world_corpus.worked_rows(q, W.followups(world, q), ["decompose"])]
+    return [{"id": r["id"], "messages": r["messages"]} for r in tables.read_rows(storage.join(run, "select", SETS[name], "train"))]
+
+
 def copy_accuracy(model, tok, n: int = 100) -> dict[str, float]:
     """The base's own skill on held-out copy rows: the whole echo exact, and its first name alone."""
     from pipeline.data import world as W
@@ -88,15 +102,17 @@ def main(argv=None) -> int:
     p = common.base_parser(__doc__.split("\n")[0])
     p.add_argument("--run", default="runs/quickstart", help="a finished quickstart's --out")
     p.add_argument("--variants", default="1e-2:500,3e-3:e10,1e-3:e10,3e-3:e30", help="LR:STEPS or LR:eEPOCHS, comma-separated")
-    p.add_argument("--sets", default="S_D-T,S_D-R")
+    p.add_argument("--sets", default="S_D-T,S_D-R", help="S_D-T, S_D-R, or gold-<split> (gold decompositions of a world split)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--test-per-family", type=int, default=70)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tag", default="", help="suffix of the result files")
     p.add_argument("--pretrain-base", default="", help="ROWS:STEPS:LR: pretrain a new students' base from the run's initial "
                    "student (world_corpus.copy_rows as it is now) instead of using the run's")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    report = common.Report(NAME, args, "probe_students: fine-tuning schedules of the decomposer students")
+    report = common.Report(NAME + args.tag, args, "probe_students: fine-tuning schedules of the decomposer students")
+    report.command = " ".join(["python -m benchmarks." + NAME] + list(sys.argv[1:] if argv is None else argv))
     base_dir, teacher_dir = os.path.join(args.run, "student_base", "model"), os.path.join(args.run, "teacher", "model")
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     teacher = Gen(AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval(), tok, "teacher")
@@ -109,7 +125,7 @@ def main(argv=None) -> int:
                                "base": measure("base", load().eval(), tok, teacher, rows)}
     print(f"  base copies: {results['base_copy']}", flush=True)
     for set_name in args.sets.split(","):
-        data = [{"id": r["id"], "messages": r["messages"]} for r in tables.read_rows(storage.join(args.run, "select", SETS[set_name], "train"))]
+        data = training_set(args.run, set_name)
         for variant in args.variants.split(","):
             lr, length = parse_variant(variant)
             steps = steps_of(length, len(data), args.batch)

@@ -83,6 +83,8 @@ class QuickstartConfig(Strict):
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """A model trained from scratch here (the teacher, the students' base): its size and schedule."""
+
     hidden_size: int
     num_layers: int
     num_heads: int
@@ -92,14 +94,22 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class FineTune:
+    """A student's fine-tuning from the students' base (whose size it has)."""
+
+    steps: int
+    lr: float
+
+
+@dataclass(frozen=True)
 class Plan:
     """How big the run is: sized by the learning curves in benchmarks/results/probe_world.md."""
 
     world: W.WorldConfig
     teacher: ModelSpec
-    decomposer: ModelSpec
-    solver: ModelSpec
     student_base: ModelSpec
+    decomposer: FineTune
+    solver: FineTune
     samples_per_question: int = 2
     temperature: float = 0.7
     repeat: tuple[tuple[str, int], ...] = (("fact", 6),)
@@ -112,10 +122,10 @@ class Plan:
             world = W.WorldConfig(cities=8, last_names=12, companies=24, drills=200,
                                   questions={"teacher": {W.CHAIN: 24, W.NUMERIC: 24, W.COMPARE: 12},
                                              "train": {W.CHAIN: 24, W.NUMERIC: 24}, "test": {W.CHAIN: 12, W.NUMERIC: 12, W.COMPARE: 12}})
-            return cls(world, ModelSpec(48, 2, 4, 300, 1e-2), ModelSpec(32, 1, 4, 20, 1e-2), ModelSpec(32, 1, 4, 20, 1e-2),
-                       ModelSpec(32, 1, 4, 20, 1e-2), copy_rows=200)
-        return cls(W.WorldConfig(), ModelSpec(64, 2, 4, 6000, 1e-2), ModelSpec(48, 2, 4, 500, 1e-2), ModelSpec(48, 2, 4, 500, 1e-2),
-                   ModelSpec(48, 2, 4, 800, 1e-2))
+            return cls(world, ModelSpec(48, 2, 4, 300, 1e-2), ModelSpec(32, 1, 4, 20, 1e-2), FineTune(20, 1e-2), FineTune(20, 1e-2),
+                       copy_rows=200)
+        return cls(W.WorldConfig(), ModelSpec(64, 2, 4, 6000, 1e-2), ModelSpec(48, 2, 4, 800, 1e-2), FineTune(500, 1e-2),
+                   FineTune(500, 1e-2))
 
 
 @dataclass
@@ -279,7 +289,7 @@ class Quickstart:
             runs.append({"name": name, "data": {"train_path": self.p("select", STUDENTS[name], "train"), "validation_path": None},
                          "output_dir": self.p("students", name), "schedule": {"max_steps": spec.steps},
                          "optim": {"lr": spec.lr, "warmup_ratio": 0.05, "betas": (0.9, 0.95)}})
-        cfg = self.train_config(plan.decomposer, {"train_path": runs[0]["data"]["train_path"], "validation_path": None},
+        cfg = self.train_config(plan.student_base, {"train_path": runs[0]["data"]["train_path"], "validation_path": None},
                                 {}, self.p("students"), "students")
         cfg = updated(cfg, {"model": {"build_tiny": False, "name_or_path": base}, "runs": runs})
         self.step("train students", lambda: training_job.run(cfg))
