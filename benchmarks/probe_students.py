@@ -135,7 +135,8 @@ def main(argv=None) -> int:
                                                 "epochs": trained["epochs"], "loss": trained["final_loss"],
                                                 **measure(f"{set_name} {variant}", model.eval(), tok, teacher, rows)}
     notes = (f"Students' base ({args.pretrain_base or 'the run' + chr(39) + 's'}) on 100 held-out copy rows: "
-             f"{results['base_copy']} (% exact: whole echo, its first name, the names after the first).")
+             f"{results['base_copy']} (% exact: whole echo, its first name, the names after the first). "
+             f"Scores on {len(rows)} test questions ({args.test_per_family} per family), in %.")
     report.write(results, render_table(results), notes, params=vars(args))
     return 0
 
