@@ -27,41 +27,31 @@ NAME = "bench_teacher_step"
 SETTINGS = ((32, 1), (64, 1), (128, 1), (32, 2), (64, 2), (128, 2))  # (micro-batch rows, CPUs = torch threads)
 
 
-def teacher_config(work: str, batch: int, cpus: int, steps: int):
-    """The quickstart's teacher job (pipeline.quickstart), with ``batch`` rows per step on ``cpus`` threads."""
+def teacher_config(teacher, batch: int, cpus: int, steps: int):
+    """The quickstart's teacher job with ``batch`` rows per step on ``cpus`` threads, in its own output dirs."""
     from pipeline.config import updated
-    from pipeline.quickstart import QuickstartConfig, Quickstart
 
-    qs = Quickstart(QuickstartConfig(out=os.path.join(work, f"b{batch}-c{cpus}")))
-    corpus = os.path.join(work, "corpus")
-    spec = qs.plan.teacher
-    cfg = qs.train_config(spec, {"train_path": corpus, "validation_path": None}, {"tokenizer": "word"},
-                          qs.p("model"), f"teacher-b{batch}-c{cpus}")
-    return updated(cfg, {"deepspeed": {"micro_batch_size": batch}, "scaling": {"cpus_per_worker": cpus},
-                         "schedule": {"max_steps": steps, "checkpoint_every_steps": 10 * steps}, "failure": {"max_failures": 0}})
+    name = f"teacher-b{batch}-c{cpus}"
+    return updated(teacher, {"deepspeed": {"micro_batch_size": batch}, "scaling": {"cpus_per_worker": cpus},
+                             "schedule": {"max_steps": steps, "checkpoint_every_steps": 10 * steps}, "failure": {"max_failures": 0},
+                             "output": {"dir": os.path.join(os.path.dirname(teacher.output.dir), name), "run_name": name}})
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from pipeline.data import world as W
-    from pipeline.data import world_corpus
-    from pipeline.quickstart import Plan
+    from pipeline.quickstart import Quickstart, QuickstartConfig
 
     p = common.base_parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=None, help="steps of each job (default 300, quick 30)")
     args = p.parse_args(argv)
     rep = common.Report(NAME, args, "The quickstart teacher's training step: micro-batch and threads")
     steps = args.steps or (30 if rep.quick else 300)
-    work = common.scratch(NAME)
-    plan = Plan.of(False)
-    world_corpus.write_corpus(os.path.join(work, "corpus_dir"), world_corpus.teacher_corpus(
-        W.generate(plan.world), dynamic_every=plan.dynamic_every, repeat=dict(plan.repeat)))
-    os.rename(os.path.join(work, "corpus_dir", "train"), os.path.join(work, "corpus"))
+    teacher = Quickstart(QuickstartConfig(out=common.scratch(NAME))).teacher_job()
     common.shutdown_ray()
     common.start_local_ray(2)
     results, rows = {}, []
     try:
         for batch, cpus in SETTINGS:
-            r = results[f"b{batch}-c{cpus}"] = run_job(teacher_config(work, batch, cpus, steps))
+            r = results[f"b{batch}-c{cpus}"] = run_job(teacher_config(teacher, batch, cpus, steps))
             r["rows_per_s"] = batch * steps / r["loop_s"]
             r["tokens_per_s"] = r["tokens"] / r["loop_s"]
             print(f"batch {batch}, {cpus} thread(s): {r['rows_per_s']:.0f} rows/s, {r['tokens_per_s']:.0f} tokens/s in the loop", flush=True)

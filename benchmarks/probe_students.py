@@ -17,6 +17,7 @@ schedule keep the base's copying?
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -33,6 +34,15 @@ NAME = "probe_students"
 SETS = {"S_D-T": "decomposer_all", "S_D-R": "decomposer_correct"}
 # a name of the world is a capitalized word; the question's entities are its capitalized words after the first
 _NAME = re.compile(r"\b[A-Z][a-z]+\b")
+
+
+@functools.lru_cache(maxsize=1)
+def world():
+    """The quickstart's full world (what the run under probe was built from)."""
+    from pipeline.data import world as W
+    from pipeline.quickstart import Plan
+
+    return W.generate(Plan.of(False).world)
 
 
 def names_copied(question: str, subquestions: list[str]) -> bool:
@@ -70,22 +80,18 @@ def training_set(run: str, name: str) -> list[dict]:
     from pipeline import storage, tables
     from pipeline.data import world as W
     from pipeline.data import world_corpus
-    from pipeline.quickstart import Plan
 
     if name.startswith("gold-"):
-        world = W.generate(Plan.of(False).world)
-        return [r for q in world.questions[name[5:]] for r in world_corpus.worked_rows(q, W.followups(world, q), ["decompose"])]
+        w = world()
+        return [r for q in w.questions[name[5:]] for r in world_corpus.worked_rows(q, W.followups(w, q), ["decompose"])]
     return [{"id": r["id"], "messages": r["messages"]} for r in tables.read_rows(storage.join(run, "select", SETS[name], "train"))]
 
 
 def copy_accuracy(model, tok, n: int = 100) -> dict[str, float]:
     """The base's own skill on held-out copy rows: the whole echo exact, and its first name alone."""
-    from pipeline.data import world as W
     from pipeline.data import world_corpus
-    from pipeline.quickstart import Plan
 
-    world = Plan.of(False).world
-    rows = world_corpus.copy_rows(W.generate(world), n, seed=world.seed + 99)
+    rows = world_corpus.copy_rows(world(), n, seed=world().config.seed + 99)
     outs = Gen(model, tok, "base")([r["messages"][:-1] for r in rows], 24)
     want = [r["messages"][-1]["content"] for r in rows]
     return {"echo_exact": round(100 * sum(o["text"] == w for o, w in zip(outs, want)) / n, 1),
@@ -146,13 +152,10 @@ def pretrain_base(run: str, tok, rows: str, steps: str, lr: str) -> str:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.data import world as W
     from pipeline.data import world_corpus
-    from pipeline.quickstart import Plan
 
-    world = Plan.of(False).world
     model = AutoModelForCausalLM.from_pretrained(os.path.join(run, "checkpoints", "student_base-base_model"), dtype=torch.float32)
-    corpus = world_corpus.copy_rows(W.generate(world), int(rows), seed=world.seed)
+    corpus = world_corpus.copy_rows(world(), int(rows), seed=world().config.seed)
     train(model, tok, corpus, Schedule(int(steps), 32, 256, float(lr)), 0, None, "base")
     out = common.scratch(NAME + "-base")
     model.save_pretrained(out)

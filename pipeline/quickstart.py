@@ -194,13 +194,16 @@ class Quickstart:
         self.step("prepare", lambda: preparation.run(updated(self.shipped.prepare, {"sources": sources,
                                                                                      "output": {"dir": self.p("prepare")}})))
 
-    def train_teacher(self) -> None:
-        """The teacher's corpus (facts, drills, worked ``teacher`` questions), then the train job."""
+    def teacher_job(self) -> TrainConfig:
+        """Write the teacher's corpus (facts, drills, worked ``teacher`` questions); its train job's config."""
         plan = self.plan
         rows = world_corpus.teacher_corpus(W.generate(plan.world), dynamic_every=plan.dynamic_every, repeat=dict(plan.repeat))
         corpus = world_corpus.write_corpus(self.p("teacher", "corpus"), rows)
-        cfg = self.train_config(plan.teacher, {"train_path": corpus, "validation_path": None},
-                                {"tokenizer": "word"}, self.p("teacher", "model"), "teacher")
+        return self.train_config(plan.teacher, {"train_path": corpus, "validation_path": None},
+                                 {"tokenizer": "word"}, self.p("teacher", "model"), "teacher")
+
+    def train_teacher(self) -> None:
+        cfg = self.teacher_job()
         self.step("train teacher", lambda: training_job.run(cfg))
 
     def train_config(self, spec: ModelSpec, data: dict[str, Any], tiny: dict[str, Any], out_dir: str, name: str) -> TrainConfig:
@@ -291,7 +294,9 @@ class Quickstart:
                          "optim": {"lr": spec.lr, "warmup_ratio": 0.05, "betas": (0.9, 0.95)}})
         cfg = self.train_config(plan.student_base, {"train_path": runs[0]["data"]["train_path"], "validation_path": None},
                                 {}, self.p("students"), "students")
-        cfg = updated(cfg, {"model": {"build_tiny": False, "name_or_path": base}, "runs": runs})
+        # checkpoint cadence from the students' own steps (train_config took it from the base's)
+        cfg = updated(cfg, {"model": {"build_tiny": False, "name_or_path": base}, "runs": runs,
+                            "schedule": {"checkpoint_every_steps": max(100, plan.decomposer.steps // 4)}})
         self.step("train students", lambda: training_job.run(cfg))
 
     # ------------------------------------------------------------ evaluation

@@ -1,4 +1,4 @@
-"""The paper's pattern, checked on the full miniature (``divconq quickstart``: 12 min on a 2-vCPU Xeon, 30-38 on the 2-core EPYC).
+"""The paper's pattern, checked on the full miniature (``divconq quickstart``: 12 min on a 2-vCPU Xeon, 30-41 on the 2-core EPYC).
 
 Marked ``pattern`` and left out of every run whose ``-m`` does not name it (tests/conftest.py; it is the whole experiment, not a unit of the
 machinery): ``.venv/bin/python -m pytest -m pattern``. It checks the claims of issue 12 with tolerances,
