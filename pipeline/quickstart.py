@@ -114,7 +114,7 @@ class Plan:
     temperature: float = 0.7
     repeat: tuple[tuple[str, int], ...] = (("fact", 6),)
     dynamic_every: int = 4
-    copy_rows: int = 4000
+    name_rows: int = 20000  # the students' base pretraining rows (world_corpus.name_listing_rows)
 
     @classmethod
     def of(cls, small: bool) -> "Plan":
@@ -122,10 +122,13 @@ class Plan:
             world = W.WorldConfig(cities=8, last_names=12, companies=24, drills=200,
                                   questions={"teacher": {W.CHAIN: 24, W.NUMERIC: 24, W.COMPARE: 12},
                                              "train": {W.CHAIN: 24, W.NUMERIC: 24}, "test": {W.CHAIN: 12, W.NUMERIC: 12, W.COMPARE: 12}})
-            return cls(world, ModelSpec(48, 2, 4, 300, 1e-2), ModelSpec(32, 1, 4, 20, 1e-2), FineTune(20, 1e-2), FineTune(20, 1e-2),
-                       copy_rows=200)
-        return cls(W.WorldConfig(), ModelSpec(64, 2, 4, 6000, 1e-2), ModelSpec(48, 2, 4, 800, 1e-2), FineTune(500, 1e-2),
-                   FineTune(500, 1e-2))
+            return cls(world, ModelSpec(48, 2, 4, 300, 1e-2), ModelSpec(32, 1, 4, 20, 1e-2), FineTune(20, 3e-3), FineTune(20, 3e-3),
+                       name_rows=640)
+        # students: 800 steps of name listing, then 600 steps at lr 3e-3 (benchmarks/results/probe_students.md: the
+        # decomposers' exact decompositions of test questions go from 0 % (no listing, or lr 1e-2) to 99 %); the
+        # solver students get the decomposers' schedule, so that they lose on their own account
+        return cls(W.WorldConfig(), ModelSpec(64, 2, 4, 6000, 1e-2), ModelSpec(48, 2, 4, 800, 1e-2), FineTune(600, 3e-3),
+                   FineTune(600, 3e-3))
 
 
 @dataclass
@@ -271,15 +274,15 @@ class Quickstart:
         return have
 
     def pretrain_student_base(self) -> str:
-        """The students' base: the student size, the teacher's tokenizer, pretrained only to copy names
-        (:func:`pipeline.data.world_corpus.copy_rows`), as the paper's students are pretrained LMs. It is
-        also the table's untrained student."""
+        """The students' base: the student size, the teacher's tokenizer, pretrained only to list the names a
+        text mentions (:func:`pipeline.data.world_corpus.name_listing_rows`), as the paper's students are
+        pretrained LMs that can copy what they read. It is also the table's untrained student."""
         plan = self.plan
-        rows = world_corpus.copy_rows(W.generate(plan.world), plan.copy_rows, seed=plan.world.seed)
+        rows = world_corpus.name_listing_rows(W.generate(plan.world), plan.name_rows, seed=plan.world.seed)
         corpus = world_corpus.write_corpus(self.p("student_base", "corpus"), rows)
         cfg = self.train_config(plan.student_base, {"train_path": corpus, "validation_path": None},
                                 {"tokenizer_from": self.p("teacher", "model")}, self.p("student_base", "model"), "student_base")
-        self.step("pretrain the students' base (copying names)", lambda: training_job.run(cfg))
+        self.step("pretrain the students' base (listing names)", lambda: training_job.run(cfg))
         return self.p("student_base", "model")
 
     def train_students(self, names: list[str], base: str) -> None:

@@ -85,11 +85,16 @@ def train_word_tokenizer(texts: Iterable[str], special_tokens: Optional[list[str
         pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=True),
         pre_tokenizers.Punctuation(behavior="isolated"),
     ])
-    pieces = sorted({p for t in set(texts) for p, _ in pre.pre_tokenize_str(t)})  # sorted: ids independent of text order
+    pieces = {p for t in set(texts) for p, _ in pre.pre_tokenize_str(t)}
+    # every word in both forms: at a line's start (no "▁") as well as inside it, so a word the texts only
+    # ever show mid-line (a name) is still a known token where a turn begins with it (measured: without
+    # this, the first name of every echoed list was <|unk|> and the students never learned to copy it)
+    pieces |= {p[1:] if p.startswith("\u2581") else "\u2581" + p for p in pieces if p.strip("\u2581").isalpha()}
     specials = list(special_tokens or SPECIAL_TOKENS) + [UNK]
-    vocab = {t: i for i, t in enumerate(specials + [p for p in pieces if p not in specials])}
+    vocab = {t: i for i, t in enumerate(specials + sorted(pieces - set(specials)))}  # sorted: ids independent of text order
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre
+    tok.add_special_tokens(specials)  # the chat markers are one token each, never split into punctuation (and <|unk|>s)
     tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="never", split=True)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|end|>", pad_token="<|pad|>",
                                    unk_token=UNK, padding_side="left")

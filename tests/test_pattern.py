@@ -41,10 +41,15 @@ def table(ray_session, tmp_path_factory):
 TT, SDR, SDT = "teacher QD + teacher QA (static)", "S_D-R + teacher QA (served)", "S_D-T + teacher QA"
 
 
-@pytest.mark.xfail(reason="does not reproduce at this scale (README: Results): the tiny students learn the decompositions' "
-                          "shape from ~450 teacher rows but write names they memorized instead of the question's; their base "
-                          "does not copy a name it reads (benchmarks/results/probe_students.md)", strict=False)
-def test_distilled_decomposer_keeps_the_teachers_quality(table):
+def test_distilled_decomposer_keeps_most_of_the_teachers_quality(table):
+    assert _score(table, SDT) >= _score(table, TT) - 10
+
+
+@pytest.mark.xfail(reason="does not reproduce at this scale (README: Results): rejection sampling keeps ~130 rows, almost all "
+                          "entity chains (the teacher solves ~4 % of the train numeric questions), and a student fine-tuned on "
+                          "~120 rows copies names far less reliably than on ~420 (benchmarks/results/probe_student_base.md)",
+                   strict=False)
+def test_rejection_sampled_decomposer_is_within_10_points_and_at_least_as_good_as_sd_t(table):
     assert _score(table, SDR) >= _score(table, TT) - 10
     assert _score(table, SDR) >= _score(table, SDT) - 3  # S_D-R at least as good as S_D-T (3 points of noise)
 

@@ -117,21 +117,38 @@ def _teacher_rows(world: W.World, kinds: set[str], dynamic_every: int) -> list[d
     return out
 
 
-def copy_rows(world: W.World, n: int, seed: int) -> list[dict[str, Any]]:
-    """The students' pretraining: a user turn of the world's names echoed ("A. B." -> "A. B.").
+def name_listing_rows(world: W.World, n: int, seed: int) -> list[dict[str, Any]]:
+    """The students' pretraining: "list the names in this text", each on a numbered line after a few words.
 
-    The paper's students are pretrained LMs, which copy any name they read; a model trained from
-    scratch on a few hundred decompositions learns their shape but writes names it memorized
-    (measured: README, Results). This corpus gives the students that generic skill and nothing
-    else: no fact, no question, no task of the pipeline. The untrained student is this base.
+    The user turn is a random run of the world's lowercase words with one to three of its names
+    (companies, people, cities) among them; the target lists those names in order, one numbered
+    line each, every name after one to three random words of the same kind ("1. city the Vantor
+    Mills?"), so the skill learned is copying the next name into whatever a line has started to
+    say, not just after a line's number (measured: with bare "1. Vantor Mills" lines a decomposer
+    fine-tuned on 120 decompositions copied 0-9 % of test names right, with these 16-26 %:
+    benchmarks/results/probe_student_base.md). The paper's students are pretrained LMs, which copy any
+    name they read into what they write; a model trained from scratch on a few hundred
+    decompositions learns their shape but writes names it memorized. This corpus gives the
+    students that generic skill and nothing else: no fact, no question of the world, no task of
+    the pipeline. The untrained student is this base.
     """
     rng = random.Random(seed * 104_729 + 7)
     names = sorted(world.companies) + sorted(world.people) + sorted(world.mayors.values()) + list(world.cities)
+    words = _lowercase_words(world)
     out = []
     for i in range(n):
-        text = " ".join(f"{name}." for name in rng.sample(names, rng.randint(1, 4)))  # only words the world's tokenizer has
-        out.append(_row(f"copy:{i}", "copy", _chat(text, text)))
+        picked = rng.sample(names, rng.randint(1, 3))
+        runs = [" ".join(rng.sample(words, rng.randint(1, 4))) for _ in range(len(picked) + 1)]
+        text = runs[0] + "".join(f" {name} {run}" for name, run in zip(picked, runs[1:])) + "?"
+        lines = [" ".join(rng.sample(words, rng.randint(1, 3))) + f" {name}?" for name in picked]
+        out.append(_row(f"names:{i}", "names", _chat(text, format_subquestions(lines))))
     return out
+
+
+def _lowercase_words(world: W.World) -> list[str]:
+    """The world's template words ("founded", "city", ...): every one is a word of the teacher's corpus."""
+    texts = [m["content"] for r in fact_rows(world) for m in r["messages"]]
+    return sorted({w.strip("?.") for t in texts for w in t.split() if w.strip("?.").isalpha() and w.islower()})
 
 
 def world_texts(world: W.World) -> list[str]:
