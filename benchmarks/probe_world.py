@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -351,12 +350,10 @@ def distill_data(teacher: Gen, world, args, style) -> tuple[dict[str, list[dict]
                            "teacher": "teacher", "solver": "teacher", "correct": x["correct"], "solver_raw_text": x["solver_text"]})
     rows, _ = canonical_order(solved)
     sets = {}
-    for name, variant in (("S_D-T", "decomposer_all"), ("S_D-R", "decomposer_correct"), ("S_E-T", "solver_all")):
+    for name, variant in (("S_D-T", "decomposer_all"), ("S_D-R", "decomposer_correct"), ("S_E-T", "solver_teacher"),
+                          ("S_E-A", "solver_gold")):
         sel, _ = select_variant(rows, variant, per_question=1, validation_fraction=0.0)
         sets[name] = [{"id": r["id"], "messages": restyle(r["messages"], style)} for r in sel]
-    sets["S_E-A"] = [{"id": r["id"] + ":gold", "messages": r["messages"][:-1] + [
-        {"role": "assistant", "content": with_gold_answer(r["messages"][-1]["content"], gold)}]}
-        for r, gold in zip(sets["S_E-T"], gold_of(rows, sets["S_E-T"]))]
     n_q = len(qrows)
     stats = {"train_questions": n_q, "samples": args.samples, "temperature": args.temperature,
              "decompositions_parsed": len(solved), "teacher_correct": sum(r["correct"] for r in solved),
@@ -367,17 +364,6 @@ def distill_data(teacher: Gen, world, args, style) -> tuple[dict[str, list[dict]
 
 def restyle(messages: list[dict], style) -> list[dict]:
     return style([dict(m) for m in messages[:-1]]) + [dict(messages[-1])]
-
-
-def gold_of(rows: list[dict], selected: list[dict]) -> list[str]:
-    by_request = {r["request_id"]: r["answers"][0] for r in rows}
-    return [by_request[s["id"].split(":", 1)[1]] for s in selected]
-
-
-def with_gold_answer(text: str, gold: str) -> str:
-    """S_E-A: the teacher's trace with its final answer replaced by the gold one (the paper's rule)."""
-    kept = [ln for ln in text.splitlines() if not re.search(r"the (final )?answer is", ln, re.IGNORECASE)]
-    return "\n".join(kept + [f"The answer is: {gold}"])
 
 
 def knowledge_coverage(world, sets: dict[str, list[dict]]) -> dict[str, float]:

@@ -225,6 +225,13 @@ def parse_solver_output(text: str) -> tuple[list[str], str | None]:
     return (subanswers or numbered), _final_answer(text)
 
 
+def with_final_answer(text: str, answer: str) -> str:
+    """``text`` with its final-answer line replaced by "The answer is: <answer>" (the paper's S_E-A target: the
+    teacher's solving trace with the gold final answer)."""
+    kept = [ln for ln in text.splitlines() if not _FINAL_RE.search(ln)]
+    return "\n".join(kept + [f"The answer is: {' '.join(answer.split())}"])
+
+
 def extract_answer(text: str, dataset: str) -> str | None:
     """The final answer in a model output: the marker's answer; else, for a dataset whose registry entry
     allows it (numeric answers: GSM8K), the last number."""

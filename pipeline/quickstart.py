@@ -60,7 +60,7 @@ from training.config import TrainConfig
 log = logging.getLogger("divconq.quickstart")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STUDENTS = {"S_D-T": "decomposer_all", "S_D-R": "decomposer_correct", "S_E-T": "solver_teacher", "S_E-A": "solver_all"}
+STUDENTS = {"S_D-T": "decomposer_all", "S_D-R": "decomposer_correct", "S_E-T": "solver_teacher", "S_E-A": "solver_gold"}
 REPORT_TITLE = "divconq quickstart: the paper's experiment in miniature (a learned teacher, four distilled students)"
 # Served model names: each role of each served model has its own (the app routes chat requests by it).
 TEACHER_QD, TEACHER_QA, STUDENT_QD = "teacher-qd", "teacher-qa", "student-sd-r"

@@ -8,10 +8,11 @@ Variants (the paper's names in brackets):
 * ``decomposer_correct`` (S_D-R): rejection sampling, only decompositions whose two-stage
   answer was scored correct by ``solve``; at most ``per_question`` per question, chosen by
   ``tie_break`` (deterministic).
-* ``solver_teacher`` (S_E-T): the solver traces that ended in a correct answer (and state it
-  on a "The answer is:" line, so the student learns the marker). Prompt:
-  :func:`~pipeline.prompts.solver_messages` without the demo; target: the raw solver text.
-* ``solver_all`` (S_E-A): every solver trace, right or wrong.
+* ``solver_teacher`` (S_E-T): every teacher solving trace that states a final answer on a "The
+  answer is:" line (so the student learns the marker), right or wrong, as the paper's S_E-T.
+  Prompt: :func:`~pipeline.prompts.solver_messages` without the demo; target: the raw solver text.
+* ``solver_gold`` (S_E-A): the same traces with the final answer replaced by the question's
+  gold answer (:func:`~pipeline.parsing.with_final_answer`), as the paper's S_E-A.
 
 Rules shared by every variant:
 
@@ -55,23 +56,23 @@ from pipeline import storage, tables
 from pipeline.config import Strict, UsageError
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.job_config import InputConfig
-from pipeline.parsing import format_subquestions, parse_solver_output
+from pipeline.parsing import format_subquestions, parse_solver_output, with_final_answer
 from pipeline.prompts import PROMPT_VERSION, decomposer_messages, solver_messages
 
 log = logging.getLogger(__name__)
 
-Variant = Literal["decomposer_all", "decomposer_correct", "solver_teacher", "solver_all"]
+Variant = Literal["decomposer_all", "decomposer_correct", "solver_teacher", "solver_gold"]
 TieBreak = Literal["first_sample", "fewest_subquestions", "most_subquestions", "shortest_text"]
 
-VARIANTS: tuple[str, ...] = ("decomposer_all", "decomposer_correct", "solver_teacher", "solver_all")
-PAPER_NAME = {"decomposer_all": "S_D-T", "decomposer_correct": "S_D-R", "solver_teacher": "S_E-T", "solver_all": "S_E-A"}
+VARIANTS: tuple[str, ...] = ("decomposer_all", "decomposer_correct", "solver_teacher", "solver_gold")
+PAPER_NAME = {"decomposer_all": "S_D-T", "decomposer_correct": "S_D-R", "solver_teacher": "S_E-T", "solver_gold": "S_E-A"}
 DESCRIPTION = {
     "decomposer_all": "every parsed teacher decomposition (question -> subquestions)",
     "decomposer_correct": "decompositions whose two-stage answer was correct (rejection sampling)",
-    "solver_teacher": "solver traces (question + subquestions -> answers) that ended in a correct answer",
-    "solver_all": "every solver trace, right or wrong",
+    "solver_teacher": "every teacher solver trace (question + subquestions -> answers), right or wrong",
+    "solver_gold": "every teacher solver trace with its final answer replaced by the gold answer",
 }
-NEEDS_SOLVE = {"decomposer_correct", "solver_teacher", "solver_all"}
+NEEDS_SOLVE = {"decomposer_correct", "solver_teacher", "solver_gold"}
 SPLITS = ("train", "validation")
 OWNER_MARKER = "_select.json"  # marks a directory as select's to replace, even when a crash left it half-written
 ROLE_TO_FROM = {"system": "system", "user": "human", "assistant": "gpt"}
@@ -94,7 +95,7 @@ SELECT_SCHEMA = pa.schema(
 )
 
 # Columns read from the input when present (a generate output lacks the solve ones).
-_INPUT_COLUMNS = ("id", "dataset", "split", "question", "context", "request_id", "sample_index", "subquestions",
+_INPUT_COLUMNS = ("id", "dataset", "split", "question", "context", "answers", "request_id", "sample_index", "subquestions",
                   "teacher", "prompt_version", "correct", "solver_raw_text", "solver", "solver_prompt_version", "error")
 _REQUIRED = ("id", "dataset", "question", "request_id", "subquestions")
 
@@ -156,10 +157,13 @@ def _candidate(variant: str, row: dict[str, Any]) -> Optional[dict[str, Any]]:
         text = row.get("solver_raw_text")
         if not text or not str(text).strip():
             return None
-        if variant == "solver_teacher" and (row.get("correct") is not True or parse_solver_output(str(text))[1] is None):
-            return None  # a right answer without the "The answer is:" line would teach the student to omit it
+        if parse_solver_output(str(text))[1] is None:
+            return None  # a trace without the "The answer is:" line would teach the student to omit it
+        gold = [a for a in (row.get("answers") or []) if str(a).strip()]
+        if variant == "solver_gold" and not gold:
+            return None  # no gold answer to put in (a question without one is scored by nobody)
         prompt = solver_messages(row, subqs, few_shot=False)
-        target = str(text)
+        target = str(text) if variant == "solver_teacher" else with_final_answer(str(text), str(gold[0]))
     messages = prompt + [{"role": "assistant", "content": target}]
     return {"question_id": row["id"], "dataset": row["dataset"], "source_request_id": row["request_id"],
             "sample_index": int(row.get("sample_index") or 0), "teacher": row.get("teacher"), "solver": row.get("solver"),
@@ -325,8 +329,8 @@ def dataset_card(cfg: SelectConfig, summary: dict[str, Any]) -> str:
         "- `decomposer_all`: every row with parsed subquestions; target `1. ...` lines or `No decomposition`.",
         f"- `decomposer_correct`: rows scored correct by `solve`; at most {cfg.per_question or 'all'} per question, "
         f"chosen by `{cfg.tie_break}` (ties: sample index, then request id).",
-        "- `solver_teacher`: solver traces scored correct that state the answer on a `The answer is:` line; "
-        "`solver_all`: every solver trace.",
+        "- `solver_teacher`: every solver trace that states its answer on a `The answer is:` line, right or wrong; "
+        "`solver_gold`: the same traces with that answer replaced by the gold one.",
         "- Duplicates: one row per (question id, conversation), the earliest sample kept.",
         f"- Split by question: `int(sha256(f\"{{question_id}}|{cfg.seed}\"), 16) % 1000 < "
         f"{round(cfg.validation_fraction * 1000)}` goes to validation (validation_fraction={cfg.validation_fraction}, seed={cfg.seed}); "

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline import storage, tables
 from pipeline.manifest import read_manifest
-from pipeline.parsing import format_subquestions
+from pipeline.parsing import format_subquestions, with_final_answer
 from pipeline.prompts import decomposer_messages, solver_messages
 from pipeline.selection import SELECT_SCHEMA, VARIANTS, canonical_order, select_variant, split_of, to_sharegpt
 from ray_jobs import generate, select, solve
@@ -52,7 +52,8 @@ def pipeline_outputs(ray_session, prepared_samples, tmp_path_factory):
 def _row(qid: str, k: int, subqs: list[str], correct: bool | None = None, solver_text: str | None = None) -> dict:
     return {"id": qid, "dataset": "gsm8k", "split": "train", "question": f"What is {qid}?", "context": "",
             "request_id": f"{qid}#{k}", "sample_index": k, "subquestions": subqs, "teacher": "t", "prompt_version": "v1",
-            "correct": correct, "solver_raw_text": solver_text, "solver": "s" if solver_text else None}
+            "correct": correct, "solver_raw_text": solver_text, "solver": "s" if solver_text else None,
+            "answers": [{"q1": "3", "q2": "5", "q3": "0", "q4": "4"}.get(qid, "1")]}
 
 
 def test_split_is_a_stable_hash_of_the_question_id():
@@ -118,14 +119,17 @@ def test_dedupe_per_question_and_tie_break():
     assert pick("shortest_text") == ["q1#2", "q2#0", "q4#0"]
     assert pick("most_subquestions", per_question=2) == ["q1#3", "q1#0", "q2#0", "q4#0"]
     assert pick("first_sample", per_question=None) == ["q1#0", "q1#2", "q1#3", "q2#0", "q4#0"]
-    # the solver variants: prompts differ by decomposition, so only identical conversations are duplicates
-    teacher = [r["source_request_id"] for r in select_variant(rows, "solver_teacher", validation_fraction=0.0)[0]]
-    everything = [r["source_request_id"] for r in select_variant(rows, "solver_all", validation_fraction=0.0)[0]]
-    assert teacher == ["q1#0", "q1#2", "q1#3", "q2#0"]
-    assert everything == ["q1#0", "q1#2", "q1#3", "q1#4", "q2#0", "q2#1", "q3#0", "q4#0"]
-    r = select_variant(rows, "solver_all", validation_fraction=0.0)[0][3]
-    assert r["messages"] == solver_messages(rows[4], ["x?"], few_shot=False) + [{"role": "assistant", "content": "A1: 9\nThe answer is: 9"}]
-    assert r["correct"] is False and r["solver"] == "s" and r["id"] == "solver_all:q1#4"
+    # the solver variants (the paper's S_E-T, S_E-A): every trace with an answer line, right or wrong (q4#0 has none);
+    # prompts differ by decomposition, so only identical conversations are duplicates
+    teacher = select_variant(rows, "solver_teacher", validation_fraction=0.0)[0]
+    assert [r["source_request_id"] for r in teacher] == ["q1#0", "q1#2", "q1#3", "q1#4", "q2#0", "q2#1", "q3#0"]
+    assert teacher[3]["messages"] == solver_messages(rows[4], ["x?"], few_shot=False) + [
+        {"role": "assistant", "content": "A1: 9\nThe answer is: 9"}]
+    assert teacher[3]["correct"] is False and teacher[3]["solver"] == "s" and teacher[3]["id"] == "solver_teacher:q1#4"
+    # S_E-A: the same traces, the final answer replaced by the gold one; q2#1 then equals q2#0 and is a duplicate
+    gold = select_variant(rows, "solver_gold", validation_fraction=0.0)[0]
+    assert [r["source_request_id"] for r in gold] == ["q1#0", "q1#2", "q1#3", "q1#4", "q2#0", "q3#0"]
+    assert gold[3]["messages"][-1] == {"role": "assistant", "content": "A1: 9\nThe answer is: 3"} and gold[3]["id"] == "solver_gold:q1#4"
 
 
 # ---------------------------------------------------------------- the job on real outputs
@@ -157,8 +161,10 @@ def test_select_on_solve_output(pipeline_outputs, tmp_path):
                         {"role": "assistant", "content": format_subquestions(src["subquestions"])}]
                 else:
                     assert r["messages"][:-1] == solver_messages(src, src["subquestions"], few_shot=False)
-                    assert r["messages"][-1] == {"role": "assistant", "content": src["solver_raw_text"]}
-                if variant in ("decomposer_correct", "solver_teacher"):
+                    target = src["solver_raw_text"] if variant == "solver_teacher" else with_final_answer(
+                        src["solver_raw_text"], src["answers"][0])
+                    assert r["messages"][-1] == {"role": "assistant", "content": target}
+                if variant == "decomposer_correct":
                     assert r["correct"] is True
         # JSONL mirrors the Parquet rows in FastChat/ShareGPT form
         for s, part in splits.items():
@@ -175,7 +181,10 @@ def test_select_on_solve_output(pipeline_outputs, tmp_path):
     assert {key(r) for r in sdr} <= sdt and len(sdr) < len(sdt)
     assert len({r["question_id"] for r in sdr}) == len(sdr) == len({r["id"] for r in solved.values() if r["correct"]})
     assert all(r["source_request_id"].endswith("#0") for r in sdr)  # first_sample: the gold sample 0 is always correct
-    assert {key(r) for s in files["solver_teacher"].values() for r in s} <= {key(r) for s in files["solver_all"].values() for r in s}
+    # S_E-T holds wrong traces too (the paper's); S_E-A is built from the same traces
+    se_t = [r for s in files["solver_teacher"].values() for r in s]
+    assert any(r["correct"] is False for r in se_t) and any(r["correct"] is True for r in se_t)
+    assert {r["source_request_id"] for s in files["solver_gold"].values() for r in s} <= {r["source_request_id"] for r in se_t}
     # dataset card and manifest
     card = storage.read_text(storage.join(out, "README.md"))
     m = read_manifest(out)
