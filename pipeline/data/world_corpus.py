@@ -123,14 +123,15 @@ def name_listing_rows(world: W.World, n: int, seed: int) -> list[dict[str, Any]]
     The user turn is a random run of the world's lowercase words with one to three of its names
     (companies, people, cities) among them; the target lists those names in order, one numbered
     line each, every name after one to three random words of the same kind ("1. city the Vantor
-    Mills?"), so the skill learned is copying the next name into whatever a line has started to
-    say, not just after a line's number (measured: with bare "1. Vantor Mills" lines a decomposer
-    fine-tuned on 120 decompositions copied 0-9 % of test names right, with these 16-26 %:
-    benchmarks/results/probe_student_base.md). The paper's students are pretrained LMs, which copy any
-    name they read into what they write; a model trained from scratch on a few hundred
-    decompositions learns their shape but writes names it memorized. This corpus gives the
-    students that generic skill and nothing else: no fact, no question of the world, no task of
-    the pipeline. The untrained student is this base.
+    Mills?"). The paper's students are pretrained LMs, which copy any name they read into what they
+    write; a model trained from scratch on a few hundred decompositions learns their shape but
+    writes names it memorized. This corpus gives the students that generic skill and nothing else:
+    no fact, no question of the world, no task of the pipeline. The untrained student is this base.
+
+    Measured (benchmarks/results/probe_student_base.md, gold decompositions, the quickstart's
+    schedule): students from this base, or from one listing bare names, decompose 94-97 % of test
+    questions exactly after 420 training rows and 19-34 % after 120; from a base echoing names, or
+    from no pretraining, 0-17 %.
     """
     rng = random.Random(seed * 104_729 + 7)
     names = sorted(world.companies) + sorted(world.people) + sorted(world.mayors.values()) + list(world.cities)
