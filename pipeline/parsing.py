@@ -225,11 +225,16 @@ def parse_solver_output(text: str) -> tuple[list[str], str | None]:
     return (subanswers or numbered), _final_answer(text)
 
 
+def format_answer_line(answer: str) -> str:
+    """The final-answer line every solver target ends with: ``"The answer is: <answer>"``."""
+    return f"The answer is: {' '.join(answer.split())}"
+
+
 def with_final_answer(text: str, answer: str) -> str:
-    """``text`` with its final-answer line replaced by "The answer is: <answer>" (the paper's S_E-A target: the
-    teacher's solving trace with the gold final answer)."""
+    """``text`` with its final-answer line replaced by :func:`format_answer_line` of ``answer`` (the paper's S_E-A
+    target: the teacher's solving trace with the gold final answer)."""
     kept = [ln for ln in text.splitlines() if not _FINAL_RE.search(ln)]
-    return "\n".join(kept + [f"The answer is: {' '.join(answer.split())}"])
+    return "\n".join(kept + [format_answer_line(answer)])
 
 
 def extract_answer(text: str, dataset: str) -> str | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pipeline import datasets
 from pipeline.datasets import Dataset, Demo
-from pipeline.parsing import NO_DECOMPOSITION, format_subquestions
+from pipeline.parsing import NO_DECOMPOSITION, format_answer_line, format_subquestions
 
 __all__ = [
     "PROMPT_VERSION",
@@ -94,7 +94,7 @@ def decomposer_messages(row: dict, few_shot: bool = True) -> Messages:
 def format_solver_output(subanswers: list[str], answer: str) -> str:
     """``"A1: ...\\nA2: ...\\nThe answer is: <answer>"`` (solver target / gold replay)."""
     lines = [f"A{i}: {' '.join(a.split())}" for i, a in enumerate(subanswers, 1)]
-    lines.append(f"The answer is: {' '.join(answer.split())}")
+    lines.append(format_answer_line(answer))
     return "\n".join(lines)
 
 
