@@ -42,8 +42,7 @@ def corpora(world) -> dict[str, Callable[[int, int], list[dict[str, Any]]]]:
     from pipeline.data import world_corpus as C
     from pipeline.parsing import format_subquestions
 
-    names = sorted(world.companies) + sorted(world.people) + sorted(world.mayors.values()) + list(world.cities)
-    words = C._lowercase_words(world)
+    names = world.names()
 
     def chat(user: str, answer: str) -> dict[str, Any]:
         return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
@@ -69,10 +68,9 @@ def _listed(text: str, names: list[str]) -> list[str]:
 
 def decomposition_rows(world, n: int) -> list[dict[str, Any]]:
     """Gold decompositions of the ``train`` split as chat rows (all, or a seeded sample of ``n``)."""
-    from pipeline.data import world as W
     from pipeline.data import world_corpus as C
 
-    rows = [r for q in world.questions["train"] for r in C.worked_rows(q, W.followups(world, q), ["decompose"])]
+    rows = C.gold_decompositions(world, "train")
     return random.Random(3).sample(rows, n) if n else rows
 
 

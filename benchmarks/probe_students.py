@@ -79,12 +79,10 @@ def training_set(run: str, name: str) -> list[dict]:
     """A selected set of the run (S_D-T, S_D-R), or ``gold-<split>``: the gold decompositions of a world split
     (not a student of the paper: a probe of whether more, or cleaner, rows teach copying)."""
     from pipeline import storage, tables
-    from pipeline.data import world as W
     from pipeline.data import world_corpus
 
     if name.startswith("gold-"):
-        w = world()
-        return [r for q in w.questions[name[5:]] for r in world_corpus.worked_rows(q, W.followups(w, q), ["decompose"])]
+        return world_corpus.gold_decompositions(world(), name[5:])
     return [{"id": r["id"], "messages": r["messages"]} for r in tables.read_rows(storage.join(run, "select", SETS[name], "train"))]
 
 

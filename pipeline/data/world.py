@@ -186,6 +186,10 @@ class World:
             return getattr(self.companies[subject], relation)
         return getattr(self.people[subject], relation)
 
+    def names(self) -> list[str]:
+        """Every name of the world, in a fixed order: companies, founders, mayors, cities."""
+        return sorted(self.companies) + sorted(self.people) + sorted(self.mayors.values()) + list(self.cities)
+
     def all_questions(self) -> list[Question]:
         return [q for s in SPLITS for q in self.questions.get(s, [])]
 

@@ -134,8 +134,7 @@ def name_listing_rows(world: W.World, n: int, seed: int) -> list[dict[str, Any]]
     from no pretraining, 0-17 %.
     """
     rng = random.Random(seed * 104_729 + 7)
-    names = sorted(world.companies) + sorted(world.people) + sorted(world.mayors.values()) + list(world.cities)
-    words = _lowercase_words(world)
+    names, words = world.names(), template_words(world)
     out = []
     for i in range(n):
         picked = rng.sample(names, rng.randint(1, 3))
@@ -146,10 +145,15 @@ def name_listing_rows(world: W.World, n: int, seed: int) -> list[dict[str, Any]]
     return out
 
 
-def _lowercase_words(world: W.World) -> list[str]:
+def template_words(world: W.World) -> list[str]:
     """The world's template words ("founded", "city", ...): every one is a word of the teacher's corpus."""
     texts = [m["content"] for r in fact_rows(world) for m in r["messages"]]
     return sorted({w.strip("?.") for t in texts for w in t.split() if w.strip("?.").isalpha() and w.islower()})
+
+
+def gold_decompositions(world: W.World, split: str) -> list[dict[str, Any]]:
+    """The gold decompositions of a split's questions as ``decompose`` rows (the probes' stand-in for a teacher's)."""
+    return [r for q in world.questions[split] for r in worked_rows(q, W.followups(world, q), ["decompose"])]
 
 
 def world_texts(world: W.World) -> list[str]:
