@@ -30,6 +30,13 @@ def init_ray(cfg: RayConfig) -> None:
     ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), **kwargs)
 
 
+def cluster_cpus() -> float:
+    """The CPUs of the Ray cluster this process has joined (logical: what Ray schedules by)."""
+    import ray  # lazy: as init_ray
+
+    return float(ray.cluster_resources().get("CPU", 1))
+
+
 def quiet_without_dashboard() -> None:
     """Worker setup hook for local Ray without a dashboard: Ray Train's placement-group cleaner polls the
     state API (served by the dashboard) every few seconds and would log a warning each time it is absent."""

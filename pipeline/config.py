@@ -21,6 +21,15 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+class Tagged(Strict):
+    """A member of a discriminated union (a backend section, told apart by ``type``): its tag always counts as
+    set, so a copy made by :func:`updated` (which keeps only the fields that were set) still names its member
+    when the section was built in code with the tag left at its default."""
+
+    def model_post_init(self, context: Any) -> None:
+        self.model_fields_set.add("type")
+
+
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the offending key."""
 

@@ -8,14 +8,16 @@ Tables 1, 3 and 6 in small). A recipe over the jobs' ``run(cfg)``: it loads the 
 1. **prepare** the generated world (:mod:`pipeline.data.world`): its ``teacher``, ``train`` and
    ``test`` questions, three families (``world_chain``, ``world_numeric`` and the held-out
    ``world_compare``).
-2. **teacher**: the ``train`` job trains a tiny Llama (a word-level tokenizer of the world's
-   text) on the world's single-hop facts, subtraction drills and worked examples of the
-   ``teacher`` questions (:mod:`pipeline.data.world_corpus`): its knowledge and its skills.
+2. **teacher** and **students' base**, side by side (two single-worker ``train`` jobs sharing the
+   world's word-level tokenizer, written first): the teacher, a tiny Llama, learns the world's
+   single-hop facts, subtraction drills and worked examples of the ``teacher`` questions
+   (:mod:`pipeline.data.world_corpus`): its knowledge and its skills; the students' base, smaller,
+   only learns to list the names a text mentions.
 3. **serve** the teacher (``divconq serve``: decomposer and solver) and run **generate** and
    **solve** on the ``train`` questions over HTTP with the ``openai`` backend, as against any
    OpenAI-compatible teacher; **select** keeps the paper's four training sets.
-4. **students**: one ``train`` job trains the four students (S_D-T, S_D-R, S_E-T, S_E-A), each
-   smaller than the teacher and sharing its tokenizer.
+4. **students**: the four students (S_D-T, S_D-R, S_E-T, S_E-A), fine-tuned from the students'
+   base, dealt over as many side-by-side ``train`` jobs as there are CPUs for.
 5. **infer** every setting of the paper's tables on the ``test`` questions (students in the
    infer actors, the teacher over HTTP), then serve the product, S_D-R with the teacher as
    solver, and infer through it; **evaluate** writes the report (scores with 95 % intervals,
@@ -30,7 +32,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
@@ -38,9 +43,9 @@ from typing import Any, Callable, Iterator, Optional
 import httpx
 from pydantic import Field
 
-from pipeline import evaluation, generation, inference, preparation, selection, solving, storage
+from pipeline import evaluation, generation, inference, preparation, selection, solving, storage, tiny_models
 from pipeline.backends import HFBackendConfig, OpenAIBackendConfig
-from pipeline.cluster import init_ray
+from pipeline.cluster import cluster_cpus, init_ray
 from pipeline.config import ModelPrice, PricingConfig, RayConfig, Strict, load_config, updated
 from pipeline.data import SourceConfig
 from pipeline.data import world as W
@@ -189,6 +194,19 @@ class Quickstart:
         self.progress(f"{name}: done in {self.timings[name]:.0f} s{_counts(result)}")
         return result
 
+    def steps_together(self, steps: dict[str, Callable[[], Any]]) -> None:
+        """Independent stages side by side, one line each as it starts and ends; the first failure is raised
+        once all have ended. Threads, because a Ray Train job's ``fit`` blocks its caller (Train supports
+        ``fit`` from a thread other than the main one, as Tune runs it): each thread only waits on its job."""
+        if len(steps) == 1:
+            for name, fn in steps.items():
+                self.step(name, fn)
+            return
+        with ThreadPoolExecutor(len(steps)) as pool:
+            futures = [pool.submit(self.step, name, fn) for name, fn in steps.items()]
+        for future in futures:
+            future.result()
+
     # ------------------------------------------------------------ data and teacher
     def prepare(self) -> None:
         world = self.plan.world
@@ -198,16 +216,47 @@ class Quickstart:
                                                                                      "output": {"dir": self.p("prepare")}})))
 
     def teacher_job(self) -> TrainConfig:
-        """Write the teacher's corpus (facts, drills, worked ``teacher`` questions); its train job's config."""
+        """Write the teacher's corpus (facts, drills, worked ``teacher`` questions) and the world's tokenizer; the
+        teacher's train job's config."""
         plan = self.plan
         rows = world_corpus.teacher_corpus(W.generate(plan.world), dynamic_every=plan.dynamic_every, repeat=dict(plan.repeat))
         corpus = world_corpus.write_corpus(self.p("teacher", "corpus"), rows)
         return self.train_config(plan.teacher, {"train_path": corpus, "validation_path": None},
-                                 {"tokenizer": "word"}, self.p("teacher", "model"), "teacher")
+                                 {"tokenizer_from": self.write_tokenizer(corpus)}, self.p("teacher", "model"), "teacher")
 
-    def train_teacher(self) -> None:
-        cfg = self.teacher_job()
-        self.step("train teacher", lambda: training_job.run(cfg))
+    def write_tokenizer(self, corpus: str) -> str:
+        """The world's word tokenizer (from the teacher's corpus), written before any model so that the teacher
+        and the students' base can train side by side; every model shares it, so every token figure is counted
+        with one tokenizer."""
+        from training.sft_data import corpus_from_rows, read_conversations  # lazy: imports torch (as training.job)
+
+        dest = self.p("tokenizer")
+        if not storage.exists(storage.join(dest, "tokenizer.json")):
+            tmp = tempfile.mkdtemp(prefix="divconq-tokenizer-")
+            try:
+                tiny_models.train_word_tokenizer(corpus_from_rows(read_conversations(corpus))).save_pretrained(tmp)
+                storage.copy_dir(tmp, dest)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return dest
+
+    def student_base_job(self) -> TrainConfig:
+        """The students' base: the student size, the world's tokenizer, pretrained only to list the names a
+        text mentions (:func:`pipeline.data.world_corpus.name_listing_rows`), as the paper's students are
+        pretrained LMs that can copy what they read. It is also the table's untrained student."""
+        plan = self.plan
+        rows = world_corpus.name_listing_rows(W.generate(plan.world), plan.name_rows, seed=plan.world.seed)
+        corpus = world_corpus.write_corpus(self.p("student_base", "corpus"), rows)
+        return self.train_config(plan.student_base, {"train_path": corpus, "validation_path": None},
+                                 {"tokenizer_from": self.p("tokenizer")}, self.p("student_base", "model"), "student_base")
+
+    def train_teacher_and_student_base(self) -> None:
+        """The teacher and the students' base, side by side: neither needs the other (they share only the
+        tokenizer, written first), and each is one single-threaded worker, so on two cores together they take
+        the teacher's time."""
+        teacher, base = self.teacher_job(), self.student_base_job()
+        self.steps_together({"train teacher": lambda: training_job.run(teacher),
+                             "pretrain the students' base (listing names)": lambda: training_job.run(base)})
 
     def train_config(self, spec: ModelSpec, data: dict[str, Any], tiny: dict[str, Any], out_dir: str, name: str) -> TrainConfig:
         return updated(self.shipped.train, {
@@ -273,34 +322,28 @@ class Quickstart:
             self.progress(f"{name}: no training rows (the teacher gave none that qualify): not trained, its settings skipped")
         return have
 
-    def pretrain_student_base(self) -> str:
-        """The students' base: the student size, the teacher's tokenizer, pretrained only to list the names a
-        text mentions (:func:`pipeline.data.world_corpus.name_listing_rows`), as the paper's students are
-        pretrained LMs that can copy what they read. It is also the table's untrained student."""
-        plan = self.plan
-        rows = world_corpus.name_listing_rows(W.generate(plan.world), plan.name_rows, seed=plan.world.seed)
-        corpus = world_corpus.write_corpus(self.p("student_base", "corpus"), rows)
-        cfg = self.train_config(plan.student_base, {"train_path": corpus, "validation_path": None},
-                                {"tokenizer_from": self.p("teacher", "model")}, self.p("student_base", "model"), "student_base")
-        self.step("pretrain the students' base (listing names)", lambda: training_job.run(cfg))
-        return self.p("student_base", "model")
-
-    def train_students(self, names: list[str], base: str) -> None:
-        """The students in one train job (one Ray Train + DeepSpeed start-up for all), each from ``base``."""
-        plan, runs = self.plan, []
-        if not names:
-            return
-        for name in names:
-            spec = plan.decomposer if name.startswith("S_D") else plan.solver
-            runs.append({"name": name, "data": {"train_path": self.p("select", STUDENTS[name], "train"), "validation_path": None},
-                         "output_dir": self.p("students", name), "schedule": {"max_steps": spec.steps},
-                         "optim": {"lr": spec.lr, "warmup_ratio": 0.05, "betas": (0.9, 0.95)}})
-        cfg = self.train_config(plan.student_base, {"train_path": runs[0]["data"]["train_path"], "validation_path": None},
-                                {}, self.p("students"), "students")
-        # checkpoint cadence from the students' own steps (train_config took it from the base's)
-        cfg = updated(cfg, {"model": {"build_tiny": False, "name_or_path": base}, "runs": runs,
-                            "schedule": {"checkpoint_every_steps": max(100, plan.decomposer.steps // 4)}})
-        self.step("train students", lambda: training_job.run(cfg))
+    def train_students(self, names: list[str]) -> None:
+        """The students from the students' base, dealt over as many single-worker train jobs as the cluster has
+        CPUs for, run side by side (each job pays Ray Train and DeepSpeed's start-up once for its students)."""
+        plan, base = self.plan, self.p("student_base", "model")
+        jobs = max(1, min(len(names), int(cluster_cpus() // self.shipped.train.scaling.cpus_per_worker)))
+        steps = {}
+        for i in range(jobs):
+            group = names[i::jobs]  # dealt round-robin: a decomposer and a solver student in each of two jobs
+            runs = []
+            for name in group:
+                spec = plan.decomposer if name.startswith("S_D") else plan.solver
+                runs.append({"name": name, "data": {"train_path": self.p("select", STUDENTS[name], "train"), "validation_path": None},
+                             "output_dir": self.p("students", name), "schedule": {"max_steps": spec.steps},
+                             "optim": {"lr": spec.lr, "warmup_ratio": 0.05, "betas": (0.9, 0.95)}})
+            run_name = "students" if jobs == 1 else f"students-{i + 1}"
+            cfg = self.train_config(plan.student_base, {"train_path": runs[0]["data"]["train_path"], "validation_path": None},
+                                    {}, self.p("students", "jobs", run_name), run_name)
+            # checkpoint cadence from the students' own steps (train_config took it from the base's)
+            cfg = updated(cfg, {"model": {"build_tiny": False, "name_or_path": base}, "runs": runs,
+                                "schedule": {"checkpoint_every_steps": max(100, plan.decomposer.steps // 4)}})
+            steps[f"train students ({', '.join(group)})"] = lambda cfg=cfg: training_job.run(cfg)
+        self.steps_together(steps)
 
     # ------------------------------------------------------------ evaluation
     def settings(self, base_url: str, trained: list[str]) -> list[Setting]:
@@ -322,19 +365,23 @@ class Quickstart:
                 Setting("untrained student + teacher QA", "untrained", "static", untrained, teacher_qa, (s, t))]
 
     def infer(self, setting: Setting) -> None:
+        cfg = self.infer_config(setting)
+        self.step(f"infer: {setting.name}", lambda: inference.run(cfg))
+
+    def infer_config(self, setting: Setting) -> InferConfig:
+        """The infer job of one setting over every test question."""
         prices = {"teacher": self.cfg.prices.teacher_per_1m, "student": self.cfg.prices.student_per_1m}
         models = {}
         for backend, size in zip((setting.decomposer, setting.solver), setting.sizes):
             if backend is not None:
                 models[backend.model] = ModelPrice(prompt_per_1m=prices[size], completion_per_1m=prices[size])
         test = {"path": self.p("prepare"), "splits": ["test"], "datasets": None}
-        cfg = updated(self.shipped.infer, {
+        return updated(self.shipped.infer, {
             "input": test, "setting": setting.name, "mode": setting.mode, "decomposer": setting.decomposer,
             "solver": setting.solver, "output": {"dir": self.p("infer", setting.folder), "shard_size": 256},
             "decomposer_sampling": {"max_tokens": 80}, "solver_sampling": {"max_tokens": 112},
             "method": {"decomposer_few_shot": False, "solver_few_shot": False, "max_dynamic_steps": 5},
             "pricing": PricingConfig(models=models), "pool": {"max_actors": 1, "num_cpus": 0.25}})
-        self.step(f"infer: {setting.name}", lambda: inference.run(cfg))
 
     def serve_product(self) -> Setting:
         """Serve S_D-R with the teacher as solver (the product), ask ``/v1/solve`` once, infer through it."""
@@ -359,11 +406,12 @@ class Quickstart:
         started = time.time()
         init_ray(self.cfg.ray)
         self.prepare()
-        self.train_teacher()
+        self.train_teacher_and_student_base()
         with self.served(self.p("teacher", "model"), TEACHER_QD) as base_url:
             self.distill(base_url)
         trained = self.select()
-        self.train_students(trained, self.pretrain_student_base())
+        if trained:
+            self.train_students(trained)
         with self.served(self.p("teacher", "model"), TEACHER_QD) as base_url:
             settings = self.settings(base_url, trained)
             for setting in settings:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Optional
 
@@ -63,6 +64,20 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, special_tokens
 
 
 UNK = "<|unk|>"
+# torch's default generator is process-wide: two threads building models at once (the quickstart builds the
+# teacher and the students' base side by side) would interleave their draws, and a seed would no longer fix
+# the weights (measured: the teacher's initial weights differed between two runs until this lock)
+_INIT_LOCK = threading.Lock()
+
+
+def _random_model(config: Any, seed: int):
+    """A randomly initialized causal LM of ``config``, the same for the same seed in any thread."""
+    import torch  # lazy: torch and transformers take ~5 s to import; only building a model needs them
+    from transformers import AutoModelForCausalLM  # lazy: as torch
+
+    with _INIT_LOCK:
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config)
 
 
 def train_word_tokenizer(texts: Iterable[str], special_tokens: Optional[list[str]] = None,
@@ -122,10 +137,8 @@ def build_tiny_model(
     tokenizer directory) so that several models share one vocabulary: a teacher and its students,
     whose token figures are then counted with one tokenizer.
     """
-    import torch  # lazy: torch and transformers take ~5 s to import; only building a model needs them
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig  # lazy: as torch
+    from transformers import AutoTokenizer, GPT2Config, LlamaConfig  # lazy: transformers takes seconds to import
 
-    torch.manual_seed(seed)
     if tokenizer_from:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
     elif tokenizer == "word":
@@ -151,7 +164,7 @@ def build_tiny_model(
         )
     else:
         config = GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=max_positions, **common)
-    model = AutoModelForCausalLM.from_config(config)
+    model = _random_model(config, seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     os.makedirs(out_dir, exist_ok=True)
@@ -229,18 +242,13 @@ def build_family_model(out_dir: str, family: str, texts: Iterable[str], chat_tem
                        vocab_size: int = 512, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
                        max_positions: int = 1024, seed: int = 0) -> str:
     """Build and save a tiny random-weight model of a hub ``family`` (a key of :data:`FAMILIES`)."""
-    import torch  # lazy: torch and transformers take ~5 s to import; only building a model needs them
-    from transformers import AutoModelForCausalLM  # lazy: as torch
-
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
     spec = FAMILIES[family]
-    torch.manual_seed(seed)
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size, special_tokens=spec.special_tokens, bos=spec.bos,
                                 eos=spec.eos, pad=spec.pad, chat_template=chat_template)
     tokenizer.padding_side = "right" if family == "qwen2" else "left"  # as the hub tokenizers ship
-    model = AutoModelForCausalLM.from_config(family_config(family, tokenizer, hidden_size, num_layers, num_heads,
-                                                           max_positions))
+    model = _random_model(family_config(family, tokenizer, hidden_size, num_layers, num_heads, max_positions), seed)
     stops = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(t) for t in spec.stop_tokens]
     model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
     model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]

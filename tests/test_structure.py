@@ -112,3 +112,19 @@ def test_a_job_runs_in_process_from_a_config_object_and_returns_its_manifest(tmp
     assert manifest.config["sources"][0]["limit"] == 7 and cfg.sources[0].limit is None  # the loaded config is untouched
     with pytest.raises(ConfigError, match=r"sources\.0\.limit"):
         updated(cfg, {"sources": [{"dataset": "gsm8k", "path": "x", "limit": -1}]})
+
+
+def test_a_copy_of_a_config_keeps_the_backends_built_in_code():
+    """``updated`` keeps only the fields that were set; a backend section built in code, its ``type`` left at
+    the default, is still that backend in a copy of a copy (the quickstart updates the infer configs it built)."""
+    from pipeline.backends import HFBackendConfig, OpenAIBackendConfig
+    from pipeline.config import load_config, updated
+    from pipeline.inference import InferConfig
+
+    cfg = updated(load_config(InferConfig, os.path.join(REPO, "configs", "infer.yaml")),
+                  {"decomposer": OpenAIBackendConfig(base_url="http://127.0.0.1:9/v1", model="qd"),
+                   "solver": HFBackendConfig(model="/models/solver")})
+    again = updated(cfg, {"pool": {"batch_size": 256}})
+    assert isinstance(again.decomposer, OpenAIBackendConfig) and again.decomposer.model == "qd"
+    assert isinstance(again.solver, HFBackendConfig) and again.solver.model == "/models/solver"
+    assert again.pool.batch_size == 256

@@ -116,7 +116,8 @@ def prepare_base_model(cfg: TrainConfig) -> str:
         build_tiny_model(tmp, texts, arch=t.arch, vocab_size=t.vocab_size, hidden_size=t.hidden_size,
                          num_layers=t.num_layers, num_heads=t.num_heads,
                          max_positions=max(t.max_positions, cfg.data.max_length), seed=cfg.seed,
-                         tokenizer=t.tokenizer, tokenizer_from=t.tokenizer_from)
+                         tokenizer=t.tokenizer,
+                         tokenizer_from=storage.localize(t.tokenizer_from) if t.tokenizer_from else None)
         storage.copy_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -21,13 +21,13 @@ from pydantic import Field
 
 from pipeline import storage
 from pipeline.backends.base import Backend, Completion, Request, SamplingParams
-from pipeline.config import Strict
+from pipeline.config import Tagged
 from pipeline.chat import render_chat
 
 log = logging.getLogger(__name__)
 
 
-class HFBackendConfig(Strict):
+class HFBackendConfig(Tagged):
     """``type: hf``: a local Hugging Face causal LM."""
 
     type: Literal["hf"] = "hf"

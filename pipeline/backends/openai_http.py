@@ -49,13 +49,13 @@ from pipeline.backends.base import Backend, BackendUnavailable, Completion, Requ
 from pipeline.backends.cluster_limit import make_rate_limiter
 from pipeline.backends.rate_limit import AdaptiveConcurrency, AsyncRateLimiter
 from pipeline.structured import structured_request_fields
-from pipeline.config import Strict, secret_from_env
+from pipeline.config import Strict, Tagged, secret_from_env
 
 logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- config (type: openai)
-class OpenAIBackendConfig(Strict):
+class OpenAIBackendConfig(Tagged):
     type: Literal["openai"] = "openai"
     base_url: str = "https://api.openai.com/v1"
     model: str

@@ -24,13 +24,13 @@ from typing import Any, Literal
 from pydantic import Field
 
 from pipeline.backends.base import Backend, Completion, Request, SamplingParams
-from pipeline.config import Strict
+from pipeline.config import Tagged
 from pipeline.parsing import format_subquestions
 from pipeline.prompts import format_solver_output
 from pipeline.similarity import rouge_l
 
 
-class ReferenceBackendConfig(Strict):
+class ReferenceBackendConfig(Tagged):
     type: Literal["reference"] = "reference"
     model: str = "reference-gold"
     role: Literal["decomposer", "solver"] = "decomposer"

@@ -27,11 +27,11 @@ from pydantic import Field, model_validator
 
 from pipeline import storage
 from pipeline.backends.base import Backend, BackendUnavailable, Completion, Request, SamplingParams
-from pipeline.config import Strict
+from pipeline.config import Tagged
 from pipeline.structured import STRUCTURED_ROLES, guided_decoding_params
 
 
-class VLLMBackendConfig(Strict):
+class VLLMBackendConfig(Tagged):
     """GPU generation through Ray Data LLM (``pipeline/backends/vllm_engine.py``)."""
 
     type: Literal["vllm"] = "vllm"
