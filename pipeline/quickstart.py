@@ -325,12 +325,17 @@ class Quickstart:
     def train_students(self, names: list[str]) -> None:
         """The students from the students' base, dealt over as many single-worker train jobs as the cluster has
         CPUs for, run side by side (each job pays Ray Train and DeepSpeed's start-up once for its students)."""
-        plan, base = self.plan, self.p("student_base", "model")
-        jobs = max(1, min(len(names), int(cluster_cpus() // self.shipped.train.scaling.cpus_per_worker)))
-        steps = {}
+        jobs = int(cluster_cpus() // self.shipped.train.scaling.cpus_per_worker)
+        self.steps_together({f"train students ({', '.join(group)})": lambda cfg=cfg: training_job.run(cfg)
+                             for group, cfg in self.student_jobs(names, jobs)})
+
+    def student_jobs(self, names: list[str], jobs: int) -> list[tuple[list[str], TrainConfig]]:
+        """``names`` dealt round-robin over at most ``jobs`` train jobs (on two: a decomposer and a solver
+        student in each, so the jobs take about as long); each job's students and config."""
+        plan, jobs = self.plan, max(1, min(len(names), jobs))
+        out = []
         for i in range(jobs):
-            group = names[i::jobs]  # dealt round-robin: a decomposer and a solver student in each of two jobs
-            runs = []
+            group, runs = names[i::jobs], []
             for name in group:
                 spec = plan.decomposer if name.startswith("S_D") else plan.solver
                 runs.append({"name": name, "data": {"train_path": self.p("select", STUDENTS[name], "train"), "validation_path": None},
@@ -340,10 +345,9 @@ class Quickstart:
             cfg = self.train_config(plan.student_base, {"train_path": runs[0]["data"]["train_path"], "validation_path": None},
                                     {}, self.p("students", "jobs", run_name), run_name)
             # checkpoint cadence from the students' own steps (train_config took it from the base's)
-            cfg = updated(cfg, {"model": {"build_tiny": False, "name_or_path": base}, "runs": runs,
-                                "schedule": {"checkpoint_every_steps": max(100, plan.decomposer.steps // 4)}})
-            steps[f"train students ({', '.join(group)})"] = lambda cfg=cfg: training_job.run(cfg)
-        self.steps_together(steps)
+            out.append((group, updated(cfg, {"model": {"build_tiny": False, "name_or_path": self.p("student_base", "model")},
+                                             "runs": runs, "schedule": {"checkpoint_every_steps": max(100, plan.decomposer.steps // 4)}})))
+        return out
 
     # ------------------------------------------------------------ evaluation
     def settings(self, base_url: str, trained: list[str]) -> list[Setting]:

@@ -1,7 +1,7 @@
 """The paper's pattern, checked on the full miniature (``divconq quickstart``: 12 min on a 2-vCPU Xeon, 30-41 on the 2-core EPYC).
 
 Marked ``pattern`` and left out of every run whose ``-m`` does not name it (tests/conftest.py; it is the whole experiment, not a unit of the
-machinery): ``.venv/bin/python -m pytest -m pattern``. It checks the claims of issue 12 with tolerances,
+machinery): ``.venv/bin/python -m pytest -m pattern``; ``DIVCONQ_PATTERN_RUN=runs/quickstart`` checks a finished run instead. It checks the claims of issue 12 with tolerances,
 on the held-out questions of the two trained families (the held-out family is the transfer test).
 Each claim is a comparison of two settings of one run; none is an exact value. A claim that does not
 reproduce at this scale is an ``xfail`` with the figures (README: Results), not a tuned world.
@@ -29,11 +29,15 @@ def _tokens(table: dict, setting: str, datasets=TRAINED) -> float:
 
 
 @pytest.fixture(scope="module")
-def table(ray_session, tmp_path_factory):
-    from ray_jobs import quickstart
+def table(request, tmp_path_factory):
+    """The results of a fresh full run, or of the finished run named in ``DIVCONQ_PATTERN_RUN`` (its ``--out``)."""
+    out = os.environ.get("DIVCONQ_PATTERN_RUN")
+    if not out:
+        from ray_jobs import quickstart
 
-    out = str(tmp_path_factory.mktemp("pattern") / "qs")
-    assert quickstart.main(["--out", out, "--port", str(free_port())]) == 0
+        request.getfixturevalue("ray_session")
+        out = str(tmp_path_factory.mktemp("pattern") / "qs")
+        assert quickstart.main(["--out", out, "--port", str(free_port())]) == 0
     results = json.load(open(os.path.join(out, "report", "results.json")))
     return {(row["setting"], row["dataset"]): row for row in results["table"]}
 

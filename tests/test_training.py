@@ -363,16 +363,19 @@ def test_zero2_training_lowers_loss_exports_and_rerun_resumes(ray_cluster, sft_d
     from ray_jobs.train import main
 
     out = str(tmp_path)
-    assert main(_train_args(sft_data, out, **{"deepspeed.zero_stage": 2})) == 0
+    # no epoch-end checkpoints: the interval's (6 steps, one epoch of 2 workers x 6 micro-batches of 4 rows) and the final
+    every = {"deepspeed.zero_stage": 2, "schedule.checkpoint_every_epoch": "false", "schedule.checkpoint_every_steps": 6}
+    assert main(_train_args(sft_data, out, **every)) == 0
     m = _manifest(out)
     assert m["counts"] == {"train_rows": 48, "val_rows": 12, "truncated_rows": 0, "steps": 12}
     losses = _losses(m)
     assert len(losses) >= 3 and losses[-1] < losses[0]
     assert math.isfinite(m["metrics"]["val_loss"]) and m["metrics"]["tokens"] > 0
+    assert [h["step"] for h in m["history"]] == [2, 4, 6, 8, 10, 12]  # step 6 ends an epoch: checkpointed all the same
     _generates(f"{out}/model")
 
     # Same run name + storage again with one more epoch: resumes at the saved step, not at zero.
-    assert main(_train_args(sft_data, out, **{"deepspeed.zero_stage": 2, "schedule.epochs": 3})) == 0
+    assert main(_train_args(sft_data, out, **every, **{"schedule.epochs": 3})) == 0
     m2 = _manifest(out)
     assert m2["counts"]["steps"] == 18
     assert m2["history"][-1]["start_step"] == 12
