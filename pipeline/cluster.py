@@ -30,6 +30,14 @@ def init_ray(cfg: RayConfig) -> None:
     ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), **kwargs)
 
 
+def shutdown_ray() -> None:
+    """Leave Ray: a local Ray this process started stops, and the actors it owns (a Train job's controller) die."""
+    import ray  # lazy: as init_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def cluster_cpus() -> float:
     """The CPUs of the Ray cluster this process has joined (logical: what Ray schedules by)."""
     import ray  # lazy: as init_ray

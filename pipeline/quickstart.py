@@ -35,7 +35,7 @@ import os
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
@@ -45,7 +45,7 @@ from pydantic import Field
 
 from pipeline import evaluation, generation, inference, preparation, selection, solving, storage, tiny_models
 from pipeline.backends import HFBackendConfig, OpenAIBackendConfig
-from pipeline.cluster import cluster_cpus, init_ray
+from pipeline.cluster import cluster_cpus, init_ray, shutdown_ray
 from pipeline.config import ModelPrice, PricingConfig, RayConfig, Strict, load_config, updated
 from pipeline.data import SourceConfig
 from pipeline.data import world as W
@@ -198,14 +198,26 @@ class Quickstart:
         """Independent stages side by side, one line each as it starts and ends; the first failure is raised
         once all have ended. Threads, because a Ray Train job's ``fit`` blocks its caller (Train supports
         ``fit`` from a thread other than the main one, as Tune runs it): each thread only waits on its job."""
-        if len(steps) == 1:
+        if len(steps) <= 1:
             for name, fn in steps.items():
                 self.step(name, fn)
             return
-        with ThreadPoolExecutor(len(steps)) as pool:
-            futures = [pool.submit(self.step, name, fn) for name, fn in steps.items()]
-        for future in futures:
-            future.result()
+        pool = ThreadPoolExecutor(len(steps))
+        futures = {name: pool.submit(self.step, name, fn) for name, fn in steps.items()}
+        try:
+            wait(futures.values())
+        except BaseException:
+            # Ctrl-C lands here: Train aborts a job on SIGINT only when its fit runs in the main thread, so
+            # stop the jobs by leaving Ray (their controllers die with this driver), then let the threads end
+            shutdown_ray()
+            raise
+        finally:
+            pool.shutdown(wait=False)
+        failed = [(name, f.exception()) for name, f in futures.items() if f.exception() is not None]
+        for name, error in failed:
+            self.progress(f"{name}: failed: {error}")
+        if failed:
+            raise failed[0][1]
 
     # ------------------------------------------------------------ data and teacher
     def prepare(self) -> None:
@@ -231,11 +243,12 @@ class Quickstart:
         from training.sft_data import corpus_from_rows, read_conversations  # lazy: imports torch (as training.job)
 
         dest = self.p("tokenizer")
-        if not storage.exists(storage.join(dest, "tokenizer.json")):
+        if not storage.exists(storage.join(dest, ".complete")):  # written last: a copy cut short is redone
             tmp = tempfile.mkdtemp(prefix="divconq-tokenizer-")
             try:
                 tiny_models.train_word_tokenizer(corpus_from_rows(read_conversations(corpus))).save_pretrained(tmp)
                 storage.copy_dir(tmp, dest)
+                storage.write_text(storage.join(dest, ".complete"), "")
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         return dest
@@ -243,8 +256,11 @@ class Quickstart:
     def student_base_job(self) -> TrainConfig:
         """The students' base: the student size, the world's tokenizer, pretrained only to list the names a
         text mentions (:func:`pipeline.data.world_corpus.name_listing_rows`), as the paper's students are
-        pretrained LMs that can copy what they read. It is also the table's untrained student."""
+        pretrained LMs that can copy what they read. It is also the table's untrained student. Its tokenizer is
+        the one :meth:`teacher_job` writes."""
         plan = self.plan
+        if not storage.exists(storage.join(self.p("tokenizer"), ".complete")):
+            raise RuntimeError("the students' base shares the teacher's tokenizer: build teacher_job() first")
         rows = world_corpus.name_listing_rows(W.generate(plan.world), plan.name_rows, seed=plan.world.seed)
         corpus = world_corpus.write_corpus(self.p("student_base", "corpus"), rows)
         return self.train_config(plan.student_base, {"train_path": corpus, "validation_path": None},
@@ -325,7 +341,7 @@ class Quickstart:
     def train_students(self, names: list[str]) -> None:
         """The students from the students' base, dealt over as many single-worker train jobs as the cluster has
         CPUs for, run side by side (each job pays Ray Train and DeepSpeed's start-up once for its students)."""
-        jobs = int(cluster_cpus() // self.shipped.train.scaling.cpus_per_worker)
+        jobs = int(cluster_cpus())  # each job is one worker of one CPU (train_config)
         self.steps_together({f"train students ({', '.join(group)})": lambda cfg=cfg: training_job.run(cfg)
                              for group, cfg in self.student_jobs(names, jobs)})
 
@@ -333,7 +349,9 @@ class Quickstart:
         """``names`` dealt round-robin over at most ``jobs`` train jobs (on two: a decomposer and a solver
         student in each, so the jobs take about as long); each job's students and config."""
         plan, jobs = self.plan, max(1, min(len(names), jobs))
-        out = []
+        out: list[tuple[list[str], TrainConfig]] = []
+        if not names:
+            return out
         for i in range(jobs):
             group, runs = names[i::jobs], []
             for name in group:

@@ -596,6 +596,19 @@ def localize(uri: str, cache_root: Optional[str] = None) -> str:
     local = os.path.join(root, hashlib.sha256(str(uri).encode()).hexdigest()[:16])
     marker = os.path.join(local, ".complete")
     if not os.path.exists(marker):
-        copy_dir(uri, local)
-        open(marker, "w").close()
+        # downloaded beside it and renamed into place: two threads or processes localizing the same uri at once
+        # (the quickstart's teacher and students' base share a tokenizer) never read a half-copied folder
+        os.makedirs(root, exist_ok=True)
+        partial = tempfile.mkdtemp(prefix=".partial-", dir=root)
+        try:
+            copy_dir(uri, partial)
+            open(os.path.join(partial, ".complete"), "w").close()
+            if os.path.isdir(local) and not os.path.exists(marker):
+                shutil.rmtree(local, ignore_errors=True)  # an interrupted copy left by an earlier version
+            try:
+                os.rename(partial, local)
+            except OSError:
+                pass  # another thread or process renamed its whole copy into place first
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
     return local

@@ -283,3 +283,24 @@ def test_train_checkpoints_on_ftp_and_resumes_from_them(ray_session, ftp):
     second = storage.read_json(f"{base}/model/manifest.json")
     assert second["counts"]["steps"] == 8
     assert second["history"][-1]["start_step"] == 4  # resumed from the checkpoint on FTP, not from step 0
+
+
+def test_threads_localizing_one_url_at_once_each_get_the_whole_folder(s3_bucket, tmp_path):
+    """``localize`` downloads beside the cache folder and renames into place, so threads that localize the same
+    URL together (the quickstart's teacher and students' base share a tokenizer) never read a half copy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    src = f"{s3_bucket}/tokenizer"
+    files = {f"f{i:02d}.txt": f"{i} " * 2000 for i in range(40)}
+    for name, text in files.items():
+        storage.write_text(storage.join(src, name), text)
+    cache = str(tmp_path / "cache")
+
+    def read_all(_):
+        folder = storage.localize(src, cache_root=cache)
+        return folder, {name: open(os.path.join(folder, name)).read() for name in files}
+
+    with ThreadPoolExecutor(4) as pool:
+        seen = list(pool.map(read_all, range(4)))
+    assert len({folder for folder, _ in seen}) == 1 and all(got == files for _, got in seen)
+    assert sorted(os.listdir(cache)) == [os.path.basename(seen[0][0])]  # no partial copy left behind

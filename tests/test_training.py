@@ -146,6 +146,53 @@ def test_packed_attention_is_block_diagonal(tokenizer, tmp_path):
     assert torch.allclose(lp[0, n0 : n0 + n1], la[0, :n1], atol=1e-4)
 
 
+@pytest.mark.parametrize("arch,pack", [("llama", False), ("llama", True), ("gpt2", False)])
+def test_loss_on_labelled_positions_equals_the_models_own(tokenizer, tmp_path, arch, pack):
+    """causal_lm_loss (the output layer only where a row has a label) gives the loss and gradients of the
+    model's own ``labels=`` loss, padded or packed."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.tiny_models import build_tiny_model
+    from training.sft_data import causal_lm_loss, collate, corpus_from_rows, tokenize_rows
+
+    build_tiny_model(str(tmp_path / "m"), corpus_from_rows(make_rows(40)), arch=arch, vocab_size=400)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
+    data = tokenize_rows(tokenizer, make_rows(6, seed=4), max_length=128)
+    batch = collate(data.examples, [[0, 1], [2], [3, 4, 5]] if pack else [[i] for i in range(6)], 0, pack=pack)
+    ours = causal_lm_loss(model, batch)
+    ours.backward()
+    our_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    theirs = model(**batch, use_cache=False).loss
+    theirs.backward()
+    assert torch.isclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert all(torch.allclose(a, p.grad, rtol=1e-4, atol=1e-6) for a, p in zip(our_grads, model.parameters()))
+
+
+def test_a_seed_fixes_a_tiny_models_weights_when_threads_build_at_once(tmp_path):
+    """Two threads building tiny models at once (the quickstart's teacher and students' base) each get the
+    weights their seed gives alone: torch's generator is process-wide, so the builder initializes under a lock."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safetensors.torch import load_file
+
+    from pipeline.tiny_models import build_tiny_model
+    from training.sft_data import corpus_from_rows
+
+    texts = corpus_from_rows(make_rows(40))
+
+    def build(name: str, hidden: int) -> dict:
+        return load_file(f"{build_tiny_model(str(tmp_path / name), texts, vocab_size=400, hidden_size=hidden)}/model.safetensors")
+
+    alone = [build("a0", 64), build("b0", 32)]
+    for attempt in range(3):
+        with ThreadPoolExecutor(2) as pool:
+            together = list(pool.map(build, [f"a{attempt + 1}", f"b{attempt + 1}"], [64, 32]))
+        for want, got in zip(alone, together):
+            assert want.keys() == got.keys() and all((want[k] == got[k]).all() for k in want)
+
+
 def test_batch_plans_are_deterministic_and_balanced():
     from training.sft_data import plan_epoch, shard_batches, shard_eval_batches
 

@@ -276,10 +276,10 @@ class SFTRecipe:
         engine = self.engine.engine
         pack = self.cfg.data.pack_or_group == "pack"
         tensors = self._to_device(sft_data.collate(self.train_data.examples, batch, self.pad_id, pack=pack))
-        out = engine(**tensors, use_cache=False)
-        engine.backward(out.loss)
+        loss = sft_data.causal_lm_loss(engine, tensors)
+        engine.backward(loss)
         engine.step()
-        self._window[0] += float(out.loss.detach())
+        self._window[0] += float(loss.detach())
         self._window[1] += 1
         self._session_tokens += sft_data.real_tokens(self.train_data.examples, batch)
 
@@ -295,10 +295,10 @@ class SFTRecipe:
         with torch.no_grad():
             for batch, counts in sft_data.shard_eval_batches(batches, self.worker.rank, self.worker.world):
                 tensors = self._to_device(sft_data.collate(self.val_data.examples, batch, self.pad_id, pack=False))
-                out = engine(**tensors, use_cache=False)  # every rank runs the same count (ZeRO-3 gathers)
+                loss = sft_data.causal_lm_loss(engine, tensors)  # every rank runs the same count (ZeRO-3 gathers)
                 n = float((tensors["labels"][:, 1:] != sft_data.IGNORE_INDEX).sum())
                 if counts and n > 0:
-                    loss_sum, n_tok = loss_sum + float(out.loss) * n, n_tok + n
+                    loss_sum, n_tok = loss_sum + float(loss) * n, n_tok + n
         engine.train()
         loss_sum, n_tok = self.worker.all_sum([loss_sum, n_tok])
         self._add_timing("validate_s", time.time() - start)
