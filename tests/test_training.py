@@ -196,20 +196,26 @@ def test_a_seed_fixes_a_tiny_models_weights_when_threads_build_at_once(tmp_path)
 def test_batch_plans_are_deterministic_and_balanced():
     from training.sft_data import plan_epoch, shard_batches, shard_eval_batches
 
-    lengths = [random.Random(i).randint(5, 100) for i in range(37)]
+    lengths = [random.Random(i).randint(5, 100) for i in range(57)]
     a = plan_epoch(lengths, 4, 2, epoch=1, seed=7)
     assert a == plan_epoch(lengths, 4, 2, epoch=1, seed=7)
     assert a != plan_epoch(lengths, 4, 2, epoch=2, seed=7)
-    assert sorted(i for b in a for r in b for i in r) == list(range(37))
-    # group_by_length: each mega-batch (4 * 2 * 32 > 37: one) is sorted longest first
-    flat = [lengths[r[0]] for b in a for r in b]
+    assert sorted(i for b in a for r in b for i in r) == list(range(57))
+    # group_by_length: each mega-batch (4 * 2 * 32 > 57: one) is sorted longest first and cut into micro-batches ...
+    ordered = plan_epoch(lengths, 4, 2, epoch=1, seed=7, shuffle_batches=False)
+    flat = [lengths[r[0]] for b in ordered for r in b]
     assert flat == sorted(flat, reverse=True)
+    # ... whose steps (2 ranks: pairs of neighbours) run in a shuffled order, the longest first, the partial one last
+    steps = lambda plan: [tuple(map(str, plan[s : s + 2])) for s in range(0, len(plan), 2)]  # noqa: E731
+    assert sorted(steps(a)) == sorted(steps(ordered)) and steps(a) != steps(ordered)
+    assert a[:2] == ordered[:2] and a[-1] == ordered[-1] and len(ordered) % 2 == 1
+    assert [b for e in (2, 3) for b in plan_epoch(lengths, 4, 2, epoch=e, seed=7)][:10] != a[:10]
     r0, r1 = shard_batches(a, 0, 2, multiple_of=3), shard_batches(a, 1, 2, multiple_of=3)
     assert len(r0) == len(r1) and len(r0) % 3 == 0 and len(r0) * 2 >= len(a)
     ev0, ev1 = shard_eval_batches(a, 0, 2), shard_eval_batches(a, 1, 2)
     assert len(ev0) == len(ev1) and sum(c for _, c in ev0 + ev1) == len(a)
     none = plan_epoch(lengths, 4, 2, epoch=0, seed=7, mode="none")
-    assert sorted(i for b in none for r in b for i in r) == list(range(37))
+    assert sorted(i for b in none for r in b for i in r) == list(range(57))
 
 
 # ================================================================ pure: config + deepspeed

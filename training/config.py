@@ -41,7 +41,8 @@ class TrainDataConfig(Strict):
     max_length: int = Field(1024, ge=16, le=131072, description="Tokens per example; longer examples are truncated (and counted).")
     pack_or_group: Literal["group_by_length", "pack", "none"] = Field(
         "group_by_length",
-        description="group_by_length: sort by length within shuffled mega-batches (less padding); "
+        description="group_by_length: sort by length within shuffled mega-batches (less padding), the micro-batches "
+        "then run in shuffled steps; "
         "pack: concatenate examples up to max_length (block-diagonal attention via position_ids); none: plain shuffle.",
     )
     mega_batch_multiplier: int = Field(32, ge=1, description="group_by_length: mega-batch = this many rounds of micro-batches.")
