@@ -85,3 +85,19 @@ def test_quickstart_small_runs_every_stage(ray_session, tmp_path, capfd):
     assert sum(r["decomposer_calls"] + r["solver_calls"] for r in dyn) >= sum(r["decomposer_calls"] for r in sta)
     assert os.path.getsize(os.path.join(out, "report", "metric.png")) > 1000
     assert "cost/q" in open(os.path.join(out, "report", "summary.md")).read()
+
+
+def test_students_are_dealt_over_jobs_with_one_schedule_and_random_micro_batches(tmp_path):
+    """Each student in exactly one job, decomposer and solver students on the same schedule, and every student
+    on micro-batches of random rows (length-grouped batches decided what S_D-T learned: probe_batch_order)."""
+    from pipeline.quickstart import STUDENTS, Quickstart, QuickstartConfig
+    from training.config import TrainConfig
+
+    qs = Quickstart(QuickstartConfig(out=str(tmp_path / "run")))
+    jobs = qs.student_jobs(list(STUDENTS), 2)
+    assert sorted(n for group, _ in jobs for n in group) == sorted(STUDENTS) and len(jobs) == 2
+    runs = {r.name: r for _, cfg in jobs for r in TrainConfig.model_validate(cfg.model_dump()).runs}
+    assert {r.data.pack_or_group for r in runs.values()} == {"none"}
+    assert {(r.schedule.max_steps, r.optim.lr) for r in runs.values()} == {(qs.plan.decomposer.steps, qs.plan.decomposer.lr)}
+    assert all(r.data.train_path.endswith(f"select/{STUDENTS[n]}/train") for n, r in runs.items())
+    assert qs.student_jobs([], 2) == []
