@@ -158,8 +158,9 @@ def plan_epoch(
 
     ``group_by_length`` sorts each mega-batch (``micro_batch_size * world_size * mega_batch_multiplier`` rows)
     longest first and cuts it into micro-batches, whose order is then shuffled in steps of ``world_size`` (the
-    ranks of one step keep neighbouring lengths), the longest step first so that memory runs out at once if it
-    will; ``shuffle_batches=False`` keeps the sorted order."""
+    ranks of one step keep neighbouring lengths), the first mega-batch's longest step first (on a set within one
+    mega-batch: the longest, so that memory runs out at once if it will); ``shuffle_batches=False`` keeps the
+    sorted order."""
     order = list(range(len(lengths)))
     rng = random.Random(seed * 1_000_003 + epoch)
     if shuffle:
