@@ -173,15 +173,17 @@ def plan_epoch(
         grouped: list[int] = []
         for s in range(0, len(order), mega):
             grouped.extend(sorted(order[s : s + mega], key=lambda i: -lengths[i]))
-        batches = [[[i] for i in grouped[s : s + micro_batch_size]] for s in range(0, len(grouped), micro_batch_size)]
+        order = grouped
+    elif mode != "none":
+        raise ValueError(f"unknown pack_or_group mode {mode!r}")
+    batches = [[[i] for i in order[s : s + micro_batch_size]] for s in range(0, len(order), micro_batch_size)]
+    if mode == "group_by_length" and shuffle and shuffle_batches:
         # Why shuffle: a set that fits one mega-batch (the quickstart's students: 160-433 rows) otherwise runs the
         # same longest-to-shortest curriculum every epoch; through the recipe, S_D-T then guessed a chain question's
         # relation word per entity instead of copying it: 30-40 % exact decompositions of held-out chain questions
         # (3 seeds) against 43-89 % in shuffled steps (benchmarks/results/probe_batch_order.md).
-        return _shuffled_steps(batches, world_size, rng) if shuffle and shuffle_batches else batches
-    if mode != "none":
-        raise ValueError(f"unknown pack_or_group mode {mode!r}")
-    return [[[i] for i in order[s : s + micro_batch_size]] for s in range(0, len(order), micro_batch_size)]
+        return _shuffled_steps(batches, world_size, rng)
+    return batches
 
 
 def _shuffled_steps(batches: list[Batch], world_size: int, rng: random.Random) -> list[Batch]:
