@@ -50,23 +50,28 @@ def init_one_process_group() -> None:
         dist.init_process_group("gloo", rank=0, world_size=1)
 
 
-def fine_tune(run: str, student: str, order: str, seed: int) -> tuple[Any, float]:
-    """The run's student ``student`` fine-tuned again from its base with the recipe's pieces; (model, last loss)."""
+def student_set(run: str, student: str) -> tuple[Any, Any, Any]:
+    """The run's own ``TrainConfig`` of ``student``, its base's tokenizer and its training set, tokenized."""
+    from transformers import AutoTokenizer
+
     from training import sft_data
     from training.config import TrainConfig
-    from training.engine import build_engine
 
     with open(os.path.join(run, "students", student, "manifest.json")) as f:
         cfg = TrainConfig.model_validate(json.load(f)["config"])
-    base = os.path.join(run, "student_base", "model")
-    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(os.path.join(run, "student_base", "model"))
+    rows = sft_data.read_conversations(os.path.join(run, "select", SETS[student], "train"))
+    return cfg, tok, sft_data.tokenize_rows(tok, rows, cfg.data.max_length)
 
-    tok = AutoTokenizer.from_pretrained(base)
-    data = sft_data.tokenize_rows(tok, sft_data.read_conversations(os.path.join(run, "select", SETS[student], "train")),
-                                  cfg.data.max_length)
+
+def fine_tune(run: str, cfg: Any, tok: Any, data: Any, order: str, seed: int) -> tuple[Any, float]:
+    """A student fine-tuned again from the run's base with the recipe's pieces in batch ``order``; (model, last loss)."""
+    from training import sft_data
+    from training.engine import build_engine
+
     steps, mbs = cfg.schedule.max_steps, cfg.deepspeed.micro_batch_size
     mode, shuffle_batches = ORDERS[order]
-    engine = build_engine(cfg, base, steps, 1, use_gpu=False)
+    engine = build_engine(cfg, os.path.join(run, "student_base", "model"), steps, 1, use_gpu=False)
     step, epoch, loss = 0, 0, float("nan")
     while step < steps:
         for batch in sft_data.plan_epoch(data.lengths, mbs, 1, epoch, seed, mode, cfg.data.max_length,
@@ -111,10 +116,11 @@ def main(argv=None) -> int:
         seeds = seeds[:1]
     results: dict[str, Any] = {"run": args.run, "test_questions": len(rows)}
     for student in args.sets.split(","):
+        cfg, student_tok, data = student_set(args.run, student)
         for order in args.orders.split(","):
             for seed in seeds:
                 key = f"{student} {order} seed {seed}"
-                model, loss = fine_tune(args.run, student, order, seed)
+                model, loss = fine_tune(args.run, cfg, student_tok, data, order, seed)
                 results[key] = {"student": student, "order": order, "seed": seed, "loss": loss,
                                 **measure(key, model, tok, teacher, rows)}
     notes = (f"Each student fine-tuned with the run's own schedule from its students' base, the recipe's DeepSpeed engine; "
