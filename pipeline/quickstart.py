@@ -286,8 +286,7 @@ class Quickstart:
                                "num_heads": spec.num_heads, "max_positions": 512}},
             "optim": {"lr": spec.lr, "warmup_ratio": 0.05, "betas": (0.9, 0.95)},
             "deepspeed": {"micro_batch_size": spec.batch},
-            # one worker, one thread: on 2 cores two gloo workers spend most of their time spinning in the
-            # kernel (measured: 7.8k tokens/s for two workers vs 30k for one, benchmarks/results/probe_world.md)
+            # one worker, one thread: the quickstart trains two models at once, one per core (steps_together)
             "scaling": {"num_workers": 1, "cpus_per_worker": 1},
             "schedule": {"max_steps": spec.steps, "epochs": 1000, "checkpoint_every_steps": max(100, spec.steps // 4),
                          "checkpoint_every_epoch": False, "eval_every_epoch": False},
