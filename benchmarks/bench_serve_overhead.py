@@ -1,0 +1,118 @@
+"""Where a served setting's CPU goes: the quickstart's static teacher setting through the app vs in-process.
+
+    python -m benchmarks.bench_serve_overhead --run /tmp/qs14/run [--quick]
+
+On a finished quickstart run, the setting "teacher QD + teacher QA (static)" over every test question twice,
+in one process with Ray started once: through the served teacher (``divconq serve``, the ``openai`` backend
+over HTTP, what the quickstart does) and with the teacher in the infer actor (``hf`` backend, the baseline).
+Each time, the CPU seconds of every process on the machine (``/proc/<pid>/stat``) over the infer job,
+grouped by role: the model replicas, Serve's HTTP proxy and ingress replica, the infer actor, Ray Data's
+and Ray's own actors, and the rest. Answers: how much of the served infer stage is model compute, and how
+much is the serving path around it (results/bench_serve_overhead.md).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import sys
+import time
+from typing import Any, Optional
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+
+NAME = "bench_serve_overhead"
+# role of a process, by the first pattern its command line contains (checked in this order)
+ROLES = (("model replicas", ("ServeReplica:divconq:Decomposer", "ServeReplica:divconq:Solver")),
+         ("Serve proxy + ingress", ("ProxyActor", "ServeReplica:divconq:Ingress", "ServeController")),
+         ("infer actor", ("MapBatches(InferWorker)",)),
+         ("Ray Data + Ray actors", ("_StatsActor", "_AutoscalingCoordinatorActor", "ActorLocationTracker", "ray::")),
+         ("Ray daemons", ("gcs_server", "raylet", "dashboard", "ray/_private")))
+
+
+def cpu_by_process() -> dict[str, tuple[str, float]]:
+    """pid -> (command line, CPU seconds so far) for every process we can read."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline") as f:
+                cmd = f.read().replace("\0", " ")
+        except OSError:
+            continue
+        out[pid] = (cmd, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def role(cmd: str) -> str:
+    for name, patterns in ROLES:
+        if any(p in cmd for p in patterns):
+            return name
+    return "driver + other"
+
+
+def cpu_by_role(before: dict, after: dict) -> dict[str, float]:
+    used: dict[str, float] = collections.Counter()
+    for pid, (cmd, cpu) in after.items():
+        used[role(cmd)] += max(0.0, cpu - before.get(pid, (cmd, 0.0))[1])
+    return {k: round(v, 2) for k, v in used.items()}
+
+
+def measured(qs, setting, out_dir: str) -> dict[str, Any]:
+    """Infer ``setting`` into ``out_dir``: wall seconds and CPU seconds by role."""
+    from pipeline import inference
+    from pipeline.config import updated
+
+    cfg = updated(qs.infer_config(setting), {"output": {"dir": out_dir}})
+    before, t0 = cpu_by_process(), time.perf_counter()
+    inference.run(cfg)
+    wall = time.perf_counter() - t0
+    by_role = cpu_by_role(before, cpu_by_process())
+    return {"wall_s": round(wall, 2), "cpu_s": round(sum(by_role.values()), 2), "by_role": by_role}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from pipeline.backends.hf_local import HFBackendConfig
+    from pipeline.quickstart import TEACHER_QA, TEACHER_QD, Quickstart, QuickstartConfig, Setting
+
+    p = common.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="a finished quickstart run (its teacher and test questions)")
+    args = p.parse_args(argv)
+    rep = common.Report(NAME, args, "Where a served setting's CPU goes (the quickstart's static teacher setting)")
+    root = common.scratch(NAME)
+    run = os.path.join(root, "run")
+    shutil.copytree(args.run, run, ignore=shutil.ignore_patterns("infer", "report", "logs", "checkpoints"))
+    qs = Quickstart(QuickstartConfig(out=run, port=common.free_port()))
+    common.shutdown_ray()
+    common.start_local_ray(2)
+    results: dict[str, Any] = {}
+    try:
+        teacher = HFBackendConfig(model=qs.p("teacher", "model"), batch_size=64)
+        local = Setting("teacher static, in-process", "in-process", "static", teacher, teacher, ("teacher", "teacher"))
+        results["in-process"] = measured(qs, local, os.path.join(root, "in-process"))
+        with qs.served(qs.p("teacher", "model"), TEACHER_QD) as base_url:
+            served = Setting("teacher static, served", "served", "static", qs.remote(base_url, TEACHER_QD),
+                             qs.remote(base_url, TEACHER_QA), ("teacher", "teacher"))
+            results["served"] = measured(qs, served, os.path.join(root, "served"))
+    finally:
+        common.shutdown_ray()
+    roles = [name for name, _ in ROLES] + ["driver + other"]
+    rows = [[way, f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", *(f"{r['by_role'].get(k, 0.0):.1f}" for k in roles)]
+            for way, r in results.items()]
+    ratio = results["served"]["cpu_s"] / results["in-process"]["cpu_s"]
+    notes = (f"Served / in-process: {ratio:.2f}x the CPU seconds, "
+             f"{results['served']['wall_s'] / results['in-process']['wall_s']:.2f}x the wall time. In-process, the model runs "
+             "inside the infer actor, so its CPU is in that column.")
+    rep.write(results, common.md_table(["teacher", "wall s", "CPU s", *roles], rows), notes,
+              params={"run": args.run, "setting": "teacher QD + teacher QA (static)"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
