@@ -5,15 +5,14 @@
 On a finished quickstart run, the setting "teacher QD + teacher QA (static)" over every test question twice,
 in one process with Ray started once: through the served teacher (``divconq serve``, the ``openai`` backend
 over HTTP, what the quickstart does) and with the teacher in the infer actor (``hf`` backend, the baseline).
-Each time, the CPU seconds of every process on the machine (``/proc/<pid>/stat``) over the infer job,
-grouped by role: the model replicas, Serve's HTTP proxy and ingress replica, the infer actor, Ray Data's
+Each time, the CPU seconds of this process tree (``measure.TreeCPU``: the driver, local Ray and every
+actor) over the infer job, grouped by role: the model replicas, Serve's HTTP proxy and ingress replica, the infer actor, Ray Data's
 and Ray's own actors, and the rest. Answers: how much of the served infer stage is model compute, and how
 much is the serving path around it (results/bench_serve_overhead.md).
 """
 
 from __future__ import annotations
 
-import collections
 import os
 import shutil
 import sys
@@ -23,7 +22,7 @@ from typing import Any, Optional
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, measure  # noqa: E402
 
 NAME = "bench_serve_overhead"
 # role of a process, by the first pattern its command line contains (checked in this order)
@@ -34,34 +33,11 @@ ROLES = (("model replicas", ("ServeReplica:divconq:Decomposer", "ServeReplica:di
          ("Ray daemons", ("gcs_server", "raylet", "dashboard", "ray/_private")))
 
 
-def cpu_by_process() -> dict[str, tuple[str, float]]:
-    """pid -> (command line, CPU seconds so far) for every process we can read."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{pid}/cmdline") as f:
-                cmd = f.read().replace("\0", " ")
-        except OSError:
-            continue
-        out[pid] = (cmd, (int(fields[11]) + int(fields[12])) / tick)
-    return out
-
-
 def role(cmd: str) -> str:
     for name, patterns in ROLES:
         if any(p in cmd for p in patterns):
             return name
     return "driver + other"
-
-
-def cpu_by_role(before: dict, after: dict) -> dict[str, float]:
-    used: dict[str, float] = collections.Counter()
-    for pid, (cmd, cpu) in after.items():
-        used[role(cmd)] += max(0.0, cpu - before.get(pid, (cmd, 0.0))[1])
-    return {k: round(v, 2) for k, v in used.items()}
 
 
 def measured(qs, setting, out_dir: str) -> dict[str, Any]:
@@ -70,11 +46,12 @@ def measured(qs, setting, out_dir: str) -> dict[str, Any]:
     from pipeline.config import updated
 
     cfg = updated(qs.infer_config(setting), {"output": {"dir": out_dir}})
-    before, t0 = cpu_by_process(), time.perf_counter()
-    inference.run(cfg)
+    t0 = time.perf_counter()
+    with measure.TreeCPU() as tree:  # polled: the infer actor, which exits with the job, is counted too
+        inference.run(cfg)
     wall = time.perf_counter() - t0
-    by_role = cpu_by_role(before, cpu_by_process())
-    return {"wall_s": round(wall, 2), "cpu_s": round(sum(by_role.values()), 2), "by_role": by_role}
+    by_role = {k: round(v, 2) for k, v in tree.cpu_by(role).items()}
+    return {"wall_s": round(wall, 2), "cpu_s": round(tree.cpu_s, 2), "by_role": by_role}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

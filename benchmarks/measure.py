@@ -9,7 +9,7 @@ import os
 import platform
 import threading
 import time
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 
 # ---------------------------------------------------------------- machine
@@ -96,6 +96,8 @@ class TreeCPU:
         self.interval = interval
         self._seen: dict[tuple[int, float], float] = {}
         self._base: dict[tuple[int, float], float] = {}
+        # each process's command line at its last poll (a Ray worker retitles itself when it becomes an actor)
+        self._names: dict[tuple[int, float], str] = {}
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.cpu_s = 0.0
@@ -114,7 +116,9 @@ class TreeCPU:
             try:
                 with p.oneshot():
                     t = p.cpu_times()
-                    out[(p.pid, p.create_time())] = t.user + t.system
+                    key = (p.pid, p.create_time())
+                    out[key] = t.user + t.system
+                    self._names[key] = " ".join(p.cmdline())
             except psutil.Error:
                 pass
         return out
@@ -136,6 +140,14 @@ class TreeCPU:
         while not self._stop.wait(self.interval):
             self._seen.update(self._poll())
             self.timeline.append((time.monotonic(), self._total(), self._machine_busy_s()))
+
+    def cpu_by(self, group: Callable[[str], str]) -> dict[str, float]:
+        """CPU seconds over the block by ``group(command line)`` of each process (its last polled one)."""
+        out: dict[str, float] = {}
+        for key, cpu in self._seen.items():
+            name = group(self._names.get(key, ""))
+            out[name] = out.get(name, 0.0) + cpu - self._base.get(key, 0.0)
+        return out
 
     def cores_between(self, t_a: float, t_b: float, machine: bool = False) -> Optional[float]:
         """Mean cores used by the tree (``machine=True``: by the whole machine) between two
