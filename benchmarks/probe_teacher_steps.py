@@ -15,7 +15,6 @@ Answers: the fewest steps whose teacher is as good as the longest schedule's (re
 
 from __future__ import annotations
 
-import collections
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -45,10 +44,9 @@ def teacher_with_steps(teacher, steps: int, root: str):
 
 
 def accuracy(qs, model_dir: str, split: str, mode: str, out_dir: str) -> dict[str, float]:
-    """Per-family accuracy (%) of ``model_dir`` as decomposer and solver over ``split`` (in-process)."""
-    import pyarrow.dataset as ds
-
-    from pipeline import inference
+    """Per-family score (%) of ``model_dir`` as decomposer and solver over ``split`` (in-process), as the
+    quickstart's report scores it (``evaluation.evaluate``: each family's metric, a quarantined row wrong)."""
+    from pipeline import evaluation, inference
     from pipeline.backends.hf_local import HFBackendConfig
     from pipeline.config import updated
     from pipeline.quickstart import Setting
@@ -59,10 +57,9 @@ def accuracy(qs, model_dir: str, split: str, mode: str, out_dir: str) -> dict[st
     cfg = updated(qs.infer_config(setting), {"input": {"splits": [split]}, "output": {"dir": out_dir},
                                              "pool": {"max_actors": 1, "num_cpus": 1}})
     inference.run(cfg)
-    hits: dict[str, list[bool]] = collections.defaultdict(list)
-    for row in ds.dataset(os.path.join(out_dir, "data")).to_table(columns=["dataset", "correct"]).to_pylist():
-        hits[row["dataset"]].append(bool(row["correct"]))
-    return {family: round(100 * sum(v) / len(v), 1) for family, v in sorted(hits.items())}
+    report = evaluation.evaluate(evaluation.EvaluateConfig(
+        settings=[evaluation.SettingRef(name=setting.name, predictions=out_dir)], output={"dir": out_dir + "-report"}))
+    return {row["dataset"]: round(100 * row["score"], 1) for row in report["table"]}
 
 
 def figure(results: dict[str, Any]):
