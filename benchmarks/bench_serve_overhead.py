@@ -3,8 +3,9 @@
     python -m benchmarks.bench_serve_overhead --run /tmp/qs14/run [--quick]
 
 On a finished quickstart run, the setting "teacher QD + teacher QA (static)" over every test question twice,
-in one process with Ray started once: through the served teacher (``divconq serve``, the ``openai`` backend
-over HTTP, what the quickstart does) and with the teacher in the infer actor (``hf`` backend, the baseline).
+in one process with Ray started once: with the teacher in the infer actor (``hf`` backend, the baseline), and
+through the served teacher (``divconq serve``, the ``openai`` backend over HTTP, what the quickstart does), the
+app built twice: the models in their own deployments behind the ingress, and colocated in the ingress replica.
 Each time, the CPU seconds of this process tree (``measure.TreeCPU``: the driver, local Ray and every
 actor) over the infer job, grouped by role: the model replicas, Serve's HTTP proxy and ingress replica, the infer actor, Ray Data's
 and Ray's own actors, and the rest. Answers: how much of the served infer stage is model compute, and how
@@ -56,6 +57,8 @@ def measured(qs, setting, out_dir: str) -> dict[str, Any]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     from pipeline.backends.hf_local import HFBackendConfig
+    from pipeline.config import updated
+    from pipeline.serving.app import shutdown, start
     from pipeline.quickstart import TEACHER_QA, TEACHER_QD, Quickstart, QuickstartConfig, Setting
 
     p = common.base_parser(__doc__.splitlines()[0])
@@ -73,19 +76,25 @@ def main(argv: Optional[list[str]] = None) -> int:
         teacher = HFBackendConfig(model=qs.p("teacher", "model"), batch_size=64)
         local = Setting("teacher static, in-process", "in-process", "static", teacher, teacher, ("teacher", "teacher"))
         results["in-process"] = measured(qs, local, os.path.join(root, "in-process"))
-        with qs.served(qs.p("teacher", "model"), TEACHER_QD) as base_url:
-            served = Setting("teacher static, served", "served", "static", qs.remote(base_url, TEACHER_QD),
-                             qs.remote(base_url, TEACHER_QA), ("teacher", "teacher"))
-            results["served"] = measured(qs, served, os.path.join(root, "served"))
+        for way, colocate in (("served", False), ("served, colocated", True)):
+            cfg = updated(qs.serve_config(qs.p("teacher", "model"), TEACHER_QD), {"colocate": colocate})
+            base_url = start(cfg)
+            try:
+                served = Setting(f"teacher static, {way}", way, "static", qs.remote(base_url, TEACHER_QD),
+                                 qs.remote(base_url, TEACHER_QA), ("teacher", "teacher"))
+                results[way] = measured(qs, served, os.path.join(root, way.replace(", ", "-")))
+            finally:
+                shutdown(cfg.app_name)
     finally:
         common.shutdown_ray()
     roles = [name for name, _ in ROLES] + ["driver + other"]
     rows = [[way, f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}", *(f"{r['by_role'].get(k, 0.0):.1f}" for k in roles)]
             for way, r in results.items()]
-    ratio = results["served"]["cpu_s"] / results["in-process"]["cpu_s"]
-    notes = (f"Served / in-process: {ratio:.2f}x the CPU seconds, "
-             f"{results['served']['wall_s'] / results['in-process']['wall_s']:.2f}x the wall time. In-process, the model runs "
-             "inside the infer actor, so its CPU is in that column.")
+    base = results["in-process"]
+    notes = " ".join(f"{way.capitalize()} / in-process: {results[way]['cpu_s'] / base['cpu_s']:.2f}x the CPU seconds, "
+                     f"{results[way]['wall_s'] / base['wall_s']:.2f}x the wall time." for way in ("served", "served, colocated"))
+    notes += (" In-process, the model runs inside the infer actor, so its CPU is in that column; colocated "
+              "(`colocate: true`), it runs inside the ingress replica, so its CPU is in the proxy + ingress column.")
     rep.write(results, common.md_table(["teacher", "wall s", "CPU s", *roles], rows), notes,
               params={"run": args.run, "setting": "teacher QD + teacher QA (static)"})
     return 0

@@ -306,15 +306,17 @@ class Quickstart:
             shutdown(cfg.app_name)
 
     def serve_config(self, decomposer: str, decomposer_name: str) -> ServeConfig:
-        """The app of :meth:`served`. Its replicas reserve no CPU: the teacher's app is started once and idles
-        while the students train, and a reservation would keep one of their train jobs waiting for a CPU (a
-        model replica runs one torch thread all the same)."""
+        """The app of :meth:`served`: both models colocated in the ingress replica, since a forward pass of these
+        tiny models costs less than the actor hop to a model deployment (served static teacher setting: 1.61x the
+        in-process wall time colocated, 2.41x split; benchmarks/results/bench_serve_overhead.md). The replica
+        reserves no CPU: the teacher's app is started once and idles while the students train, and a reservation
+        would keep one of their train jobs waiting for a CPU (it runs one torch thread all the same)."""
         return updated(self.shipped.serve, {
+            "colocate": True,
             "decomposer": {"model": decomposer, "served_name": decomposer_name, "max_batch_size": 64,
-                           "max_ongoing_requests": 128, "ray_actor_options": {"num_cpus": 0}},
+                           "max_ongoing_requests": 128, "num_replicas": None},
             "solver": {"backend": {"type": "hf", "model": self.p("teacher", "model"), "batch_size": 64},
-                       "served_name": TEACHER_QA, "max_batch_size": 64, "max_ongoing_requests": 128,
-                       "ray_actor_options": {"num_cpus": 0}},
+                       "served_name": TEACHER_QA, "max_batch_size": 64, "max_ongoing_requests": 128, "num_replicas": None},
             "ingress": {"ray_actor_options": {"num_cpus": 0}},
             "method": {"decomposer_few_shot": False, "solver_few_shot": False},
             "http": {"port": self.cfg.port}, "blocking": False})

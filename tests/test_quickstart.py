@@ -110,7 +110,8 @@ def test_the_served_teacher_leaves_every_cpu_to_the_student_jobs(tmp_path):
 
     qs = Quickstart(QuickstartConfig(out=str(tmp_path / "run")))
     app = qs.serve_config(qs.p("teacher", "model"), TEACHER_QD)
-    reserved = [app.decomposer.ray_actor_options, app.solver.ray_actor_options, app.ingress.ray_actor_options]
-    assert [(o.num_cpus, o.num_gpus) for o in reserved] == [(0, 0)] * 3
+    # colocated, the ingress's replicas are the app's only ones (the models' own deployment options do not apply)
+    reserved = [app.ingress] if app.colocate else [app.decomposer, app.solver, app.ingress]
+    assert [(d.ray_actor_options.num_cpus, d.ray_actor_options.num_gpus) for d in reserved] == [(0, 0)] * len(reserved)
     _, job = qs.student_jobs(["S_D-T"], 1)[0]
     assert (job.scaling.num_workers, job.scaling.cpus_per_worker) == (1, 1)

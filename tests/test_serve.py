@@ -23,8 +23,8 @@ TOKEN = "tok-3f9c1e7a5b2d4c68"  # a test value; the point is that it never shows
 def _config(model_dir: str, port: int, decomposer: dict | None = None, **top):
     from pipeline.serving.app import load_serve_config
 
-    deploy = dict(max_batch_size=8, batch_wait_timeout_s=0.25, num_replicas=1, max_ongoing_requests=32,
-                  ray_actor_options={"num_cpus": 0.5})
+    deploy = dict(max_batch_size=8, batch_wait_timeout_s=0.25, max_ongoing_requests=32, ray_actor_options={"num_cpus": 0.5},
+                  **({} if top.get("colocate") else {"num_replicas": 1}))
     sections = {
         "http": {"host": "127.0.0.1", "port": port},
         "app_name": "divconq-test",
@@ -86,6 +86,8 @@ def test_config_validation(tmp_path):
         ({"decomposer": {"model": "m", "num_replicas": 2, "autoscaling": {}}}, "decomposer"),
         ({"decomposer": {"model": "m", "max_batch_size": 8, "max_ongoing_requests": 4}}, "decomposer"),
         ({"decomposer": {"model": "m", "bogus": 1}}, "decomposer.bogus"),
+        ({"colocate": True, "decomposer": {"model": "m", "num_replicas": 2}}, "ingress.num_replicas"),
+        ({"colocate": True, "decomposer": {"model": "m", "engine": "vllm"}}, "colocate: false"),
     ]:
         with pytest.raises(ConfigError) as ei:
             load_serve_config(sections={**base, **bad})
@@ -264,6 +266,39 @@ def test_burst_is_batched(served):
     assert max(sizes) <= after["max_batch_size"] == 8
     new_batches = after["batches"] - before["batches"]
     assert new_batches < 16, f"16 concurrent requests ran in {new_batches} batches"
+
+
+def test_colocated_app_runs_both_models_in_the_ingress_replica(served):
+    """``colocate: true``: one deployment; the models batch as they do in their own deployments."""
+    from pipeline.serving import shutdown, start
+
+    cfg = _config(served["model_dir"], served["cfg"].http.port, app_name="divconq-colocated", route_prefix="/colocated",
+                  colocate=True)
+    base = start(cfg)
+    try:
+        assert base.endswith("/colocated")
+
+        async def burst():
+            async with httpx.AsyncClient(timeout=120) as client:
+                async def one(i, model):
+                    return await client.post(base + "/v1/chat/completions", json={
+                        "model": model, "max_tokens": 4, "messages": [{"role": "user", "content": f"Question {i}: why?"}]})
+                return await asyncio.gather(*(one(i, (SERVED, SOLVER)[i % 2]) for i in range(32)))
+
+        responses = asyncio.run(burst())
+        assert [r.status_code for r in responses] == [200] * 32, [r.text for r in responses if r.status_code != 200]
+        r = httpx.post(base + "/v1/solve", json={"question": "What is 6 times 7?"}, timeout=60)
+        assert r.status_code == 200, r.text
+        stats = httpx.get(base + "/v1/stats").json()
+        assert stats["decomposer"]["pid"] == stats["solver"]["pid"] == stats["ingress"]["pid"], stats
+        for stage in ("decomposer", "solver"):
+            assert stats[stage]["requests"] >= 17, stats[stage]
+            assert max(int(k) for k in stats[stage]["batch_sizes"]) > 1, stats[stage]
+        # the split app of the module's fixture still runs beside it, in its own replicas
+        split = httpx.get(served["base"] + "/v1/stats").json()
+        assert split["decomposer"]["pid"] != split["ingress"]["pid"]
+    finally:
+        shutdown(cfg.app_name)
 
 
 # ---------------------------------------------------------------- bad requests

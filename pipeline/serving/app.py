@@ -1,7 +1,7 @@
 """Build, start, run and stop the Serve application.
 
 * :func:`build_app` ``(cfg) -> Application``: ``Ingress(Decomposer, Solver)`` with the
-  deployment options of the config.
+  deployment options of the config (with ``colocate``: the ingress alone, holding both models).
 * :func:`app_builder` ``(args) -> Application``: the same, for Serve config files
   (``import_path: pipeline.serving.app:app_builder``, ``args: {config: configs/serve.yaml,
   overrides: [...], <section>: {...}}``); used by ``serve run|deploy configs/serve_deploy.yaml``.
@@ -88,6 +88,13 @@ def build_app(cfg: ServeConfig, *, ingress_env: Optional[dict[str, str]] = None)
     from pipeline.serving.deployments import Decomposer, Ingress, Solver
 
     dec_cfg, sol_cfg = _backend_configs(cfg)
+    actor_opts = cfg.ingress.ray_actor_options.to_ray()
+    if ingress_env:
+        actor_opts["runtime_env"] = {"env_vars": dict(ingress_env)}
+    ingress = Ingress.options(num_replicas=cfg.ingress.num_replicas, max_ongoing_requests=cfg.ingress.max_ongoing_requests,
+                              ray_actor_options=actor_opts)
+    if cfg.colocate:  # the ingress builds both models in its own process from their backend configs
+        return ingress.bind(dec_cfg, sol_cfg, cfg)
     if cfg.decomposer.engine == "vllm":  # GPU: Ray Serve LLM's vLLM server behind the Decomposer interface
         # lazy: ray.serve.llm needs vLLM, which only GPU nodes have
         from pipeline.serving.llm_deployment import VLLMDecomposer, build_llm_server
@@ -100,11 +107,6 @@ def build_app(cfg: ServeConfig, *, ingress_env: Optional[dict[str, str]] = None)
             dec_cfg, cfg.decomposer.max_batch_size, cfg.decomposer.batch_wait_timeout_s)
     solver = Solver.options(**cfg.solver.deployment_options()).bind(
         sol_cfg, cfg.solver.max_batch_size, cfg.solver.batch_wait_timeout_s)
-    actor_opts = cfg.ingress.ray_actor_options.to_ray()
-    if ingress_env:
-        actor_opts["runtime_env"] = {"env_vars": dict(ingress_env)}
-    ingress = Ingress.options(num_replicas=cfg.ingress.num_replicas, max_ongoing_requests=cfg.ingress.max_ongoing_requests,
-                              ray_actor_options=actor_opts)
     return ingress.bind(decomposer, solver, cfg)
 
 

@@ -11,6 +11,7 @@ Layout (see ``configs/serve.yaml``)::
     method:     the two-stage method's settings for /v1/solve (pipeline.method.MethodConfig: the one
                 subquestion cap, few-shot prompts per stage), as in the solve and infer jobs
     ingress:    deployment options of the FastAPI ingress
+    colocate:   the models inside the ingress replica (one deployment) instead of their own deployments
     limits:     request size limits enforced by the ingress
 
 Deployment options (``decomposer``, ``solver``): ``max_batch_size`` and
@@ -210,6 +211,10 @@ class ServeConfig(Strict):
     method: MethodConfig = Field(default_factory=MethodConfig, description="The method of /v1/solve (pipeline/method.py).")
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    colocate: bool = Field(
+        False, description="Run both models inside the ingress replica (one deployment; scale it with ingress.*): "
+                           "no actor hop per request, for small CPU models whose forward pass costs less than the hop. "
+                           "The models keep their batching; their replica and resource options do not apply.")
 
     @model_validator(mode="before")
     @classmethod
@@ -226,6 +231,14 @@ class ServeConfig(Strict):
         for stage in ("decomposer", "solver"):
             if getattr(self, stage).sampling.max_tokens > self.limits.max_tokens:
                 raise ValueError(f"{stage}.sampling.max_tokens exceeds limits.max_tokens")
+        if self.colocate:
+            for stage in ("decomposer", "solver"):
+                opts = getattr(self, stage)
+                if opts.num_replicas is not None or opts.autoscaling is not None:
+                    raise ValueError(f"colocate: the models run in the ingress's replicas; set ingress.num_replicas, "
+                                     f"not {stage}.num_replicas or {stage}.autoscaling")
+            if self.decomposer.engine == "vllm":
+                raise ValueError("colocate: a vLLM decomposer runs in its own Serve LLM deployment; set colocate: false")
         if self.decomposer.served_name == self.solver.served_name:
             raise ValueError(f"decomposer.served_name and solver.served_name are both {self.solver.served_name!r}: "
                              "a chat request names the model it wants, so they must differ")

@@ -10,7 +10,8 @@
   A backend failure becomes an error result for the requests of that batch, never an
   exception that takes the replica down.
 * :class:`Ingress` is a FastAPI app (``@serve.ingress``) that composes the two through
-  ``DeploymentHandle``\\ s. The FastAPI app is built per replica by
+  ``DeploymentHandle``\\ s or, with ``colocate``, holds both in its own process (one
+  deployment, no actor hop per request). The FastAPI app is built per replica by
   ``__serve_build_asgi_app__`` (late-bound ingress), so limits, served name and auth come
   from the config instead of module globals. See :mod:`pipeline.serving.api` for routes.
 """
@@ -251,6 +252,12 @@ class Ingress:
     """
 
     def __init__(self, decomposer: Any, solver: Any, cfg: ServeConfig) -> None:
+        # colocated (cfg.colocate): the models live in this replica, built from their backend configs; else
+        # decomposer and solver are DeploymentHandles of the model deployments
+        self.colocated = cfg.colocate
+        if self.colocated:
+            decomposer = Decomposer.func_or_class(decomposer, cfg.decomposer.max_batch_size, cfg.decomposer.batch_wait_timeout_s)
+            solver = Solver.func_or_class(solver, cfg.solver.max_batch_size, cfg.solver.batch_wait_timeout_s)
         self.decomposer = decomposer
         self.solver = solver
         self.cfg = cfg
@@ -288,9 +295,9 @@ class Ingress:
 
     async def call_model(self, stage: str, messages: list[dict[str, str]], params: SamplingParams,
                          param: Optional[str] = None) -> dict[str, Any]:
-        handle = self.decomposer if stage == "decomposer" else self.solver
+        model = self.decomposer if stage == "decomposer" else self.solver
         try:
-            out = await handle.generate.remote(messages, params)
+            out = await (model.generate(messages, params) if self.colocated else model.generate.remote(messages, params))
         except Exception as e:  # replica died, back-pressure, ...
             name = type(e).__name__
             if name in ("BackPressureError", "DeploymentUnavailableError"):
@@ -307,7 +314,10 @@ class Ingress:
         return out
 
     async def stats(self) -> dict[str, Any]:
-        dec, sol = await asyncio.gather(self.decomposer.stats.remote(), self.solver.stats.remote())
+        if self.colocated:
+            dec, sol = self.decomposer.stats(), self.solver.stats()
+        else:
+            dec, sol = await asyncio.gather(self.decomposer.stats.remote(), self.solver.stats.remote())
         return {"decomposer": dec, "solver": sol,
                 "ingress": {"pid": self._pid, "replica_id": _replica_id(), "auth": self.auth_enabled,
                             "responses_by_status": {str(k): v for k, v in sorted(self._status.items())}}}
