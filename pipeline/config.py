@@ -64,6 +64,8 @@ class PricingConfig(Strict):
     currency: str = "USD"
     models: dict[str, ModelPrice] = Field(default_factory=dict, description="Per-model prices overriding the table.")
     table: Optional[str] = Field(None, description="A price table YAML (local or s3://) replacing the shipped one.")
+    bill_cached: bool = Field(False, description="Price replies from the response cache as if computed: the cost of "
+                              "the system rather than of this run (an experiment whose settings share a cache).")
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return prompt_tokens / 1000 * self.prompt_per_1k + completion_tokens / 1000 * self.completion_per_1k

@@ -4,7 +4,8 @@ Workers add ledger counters to their shard commit markers (:func:`ledger_usage`)
 ``ledger|<stage>|<model>|<mode>|<field>`` (``|`` because model names contain dots), so the
 existing shard totals sum them over committed shards and a resumed job counts every row once.
 :func:`cost_summary` prices them: online requests at the online price, batch requests at the
-batch price (``batch_discount``), cached responses at zero. Prices come from, in order: a flat
+batch price (``batch_discount``), cached responses at zero (at the online price with
+``pricing.bill_cached``: a system's cost, whatever an earlier run left in the cache). Prices come from, in order: a flat
 ``pricing.prompt_per_1k``/``completion_per_1k`` when the config sets one, ``pricing.models``,
 ``pricing.table`` (a YAML file) and the shipped ``pipeline/prices.yaml``; a model in none of them
 costs 0 and is listed under ``unpriced`` so a report never silently shows a free teacher.
@@ -24,7 +25,7 @@ from pipeline.method import StageUsage
 
 SHIPPED_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prices.yaml")
 LEDGER = "ledger"
-FIELDS = ("requests", "cached", "prompt_tokens", "completion_tokens")
+FIELDS = ("requests", "cached", "prompt_tokens", "completion_tokens", "cached_prompt_tokens", "cached_completion_tokens")
 
 
 @functools.lru_cache(maxsize=8)
@@ -77,11 +78,12 @@ def _key(stage: str, model: str, mode: str, field: str) -> str:
 def ledger_usage(stage: str, backend: Any, tally: StageUsage) -> dict[str, float]:
     """Commit-marker counters of one stage's calls on one backend (its :class:`~pipeline.method.StageUsage`).
 
-    Cached responses are counted apart (they cost nothing); their tokens are not billed."""
+    Cached responses are counted apart, with their tokens: they cost nothing unless ``pricing.bill_cached``."""
     mode = backend_mode(backend)
     billed = {"requests": tally.calls - tally.cached_calls, "cached": tally.cached_calls,
               "prompt_tokens": tally.prompt_tokens - tally.cached_prompt_tokens,
-              "completion_tokens": tally.completion_tokens - tally.cached_completion_tokens}
+              "completion_tokens": tally.completion_tokens - tally.cached_completion_tokens,
+              "cached_prompt_tokens": tally.cached_prompt_tokens, "cached_completion_tokens": tally.cached_completion_tokens}
     return {_key(stage, backend.name, mode, f): float(billed[f]) for f in FIELDS}
 
 
@@ -113,7 +115,10 @@ def cost_summary(totals: dict[str, Any], pricing: PricingConfig) -> dict[str, An
         price, source = price_of(e["model"], pricing)
         if price is None and e["requests"]:
             unpriced.append(e["model"])
-        cost = price_tokens(price, e["prompt_tokens"], e["completion_tokens"], e["mode"])
+        prompt, completion = e["prompt_tokens"], e["completion_tokens"]
+        if pricing.bill_cached:
+            prompt, completion = prompt + e["cached_prompt_tokens"], completion + e["cached_completion_tokens"]
+        cost = price_tokens(price, prompt, completion, e["mode"])
         entries.append({**e, "cost": round(cost, 8), "price_source": source,
                         "prompt_per_1m": price.prompt_per_1m if price else None,
                         "completion_per_1m": price.completion_per_1m if price else None,

@@ -174,6 +174,9 @@ class Setting:
     decomposer: Any
     solver: Any
     sizes: tuple[str, str]  # model size of (decomposer, solver), for the cost column
+    # the run's response cache: the settings that share a teacher model reuse its greedy replies to identical
+    # requests (teacher QD's decompositions, teacher QA's answers to identical subquestions); billed as computed
+    shares_cache: bool = True
 
 
 class Quickstart:
@@ -419,7 +422,8 @@ class Quickstart:
             "solver": setting.solver, "output": {"dir": self.p("infer", setting.folder), "shard_size": 256},
             "decomposer_sampling": {"max_tokens": 80}, "solver_sampling": {"max_tokens": 112},
             "method": {"decomposer_few_shot": False, "solver_few_shot": False, "max_dynamic_steps": 5},
-            "pricing": PricingConfig(models=models), "pool": {"max_actors": 1, "num_cpus": 0.25}})
+            "cache_dir": self.p("cache") if setting.shares_cache else None,
+            "pricing": PricingConfig(models=models, bill_cached=True), "pool": {"max_actors": 1, "num_cpus": 0.25}})
 
     def serve_product(self) -> Setting:
         """Serve S_D-R with the teacher as solver (the product), ask ``/v1/solve`` once, infer through it."""
@@ -428,8 +432,9 @@ class Quickstart:
             body = {"question": question["question"], "dataset": question["dataset"]}
             demo = httpx.post(base_url + "/v1/solve", json=body, timeout=120).json()
             storage.write_json(self.p("serve_demo.json"), demo)
+            # every call through the product app: no reply from the cache
             setting = Setting("S_D-R + teacher QA (served)", "sd_r-served", "static", self.remote(base_url, STUDENT_QD),
-                              self.remote(base_url, TEACHER_QA), ("student", "teacher"))
+                              self.remote(base_url, TEACHER_QA), ("student", "teacher"), shares_cache=False)
             self.infer(setting)
         return setting
 

@@ -59,6 +59,10 @@ def test_ledger_prices_online_batch_and_cache_apart():
     assert by[("solver", "gpt-4o", "online")]["cost"] == pytest.approx(2.5 + 5.0)
     assert by[("solver", "my-model", "online")]["cost"] == 0 and s["unpriced"] == ["my-model"]
     assert s["total_cost"] == pytest.approx(0.45 + 0.225 + 7.5) and s["currency"] == "USD"
+    # bill_cached: the cached reply's tokens at the online price, as if computed
+    billed = {(e["stage"], e["model"], e["mode"]): e for e in cost_summary(totals, PricingConfig(bill_cached=True))["by_stage_model"]}
+    assert billed[("decomposer", "gpt-4o-mini", "online")]["cost"] == pytest.approx(0.45 + 10**3 * (0.15 + 0.60))
+    assert billed[("solver", "gpt-4o", "online")]["cost"] == by[("solver", "gpt-4o", "online")]["cost"]
 
 
 def test_structured_output_parse_and_fallback():
@@ -145,3 +149,26 @@ def test_infer_manifest_and_evaluation_report_carry_cost_per_stage_and_model(ray
     assert "## Cost (actual, from each run's manifest)" in report
     line = next(ln for ln in report.splitlines() if ln.startswith("| s1 | solver | gpt-4o | batch |"))
     assert f"| {by[('solver', 'gpt-4o')]['prompt_tokens']} |" in line and f"{by[('solver', 'gpt-4o')]['cost']:.6f} USD" in line
+
+
+def test_a_setting_rerun_from_the_cache_costs_what_it_cost_with_bill_cached(ray_session, prepared_samples, tmp_path):
+    """The quickstart's settings share one response cache; with ``pricing.bill_cached`` a setting's cost does not
+    depend on what an earlier setting left there (without it, cached replies are free)."""
+    cache = str(tmp_path / "cache")
+
+    def run(out: str, bill_cached: bool, srv: OpenAIStubServer) -> dict:
+        solver = "solver={type: openai, model: gpt-4o, base_url: '" + srv.base_url + "', api_key_env: null}"
+        assert infer.main(["--config", os.path.join(REPO, "configs", "infer.yaml"), f"input.path={prepared_samples}",
+                           f"output.dir={tmp_path / out}", "input.limit=5", solver, f"cache_dir={cache}",
+                           f"pricing.bill_cached={str(bill_cached).lower()}"]) == 0
+        return {e["model"]: e for e in read_manifest(str(tmp_path / out))["usage"]["cost"]["by_stage_model"]}["gpt-4o"]
+
+    with OpenAIStubServer() as srv:
+        cold = run("cold", True, srv)
+        sent = srv.request_count
+        warm, free = run("warm", True, srv), run("free", False, srv)
+        assert srv.request_count == sent  # both reruns came from the cache
+    assert (cold["requests"], cold["cached"]) == (5, 0) and cold["cost"] > 0
+    assert (warm["requests"], warm["cached"]) == (0, 5)
+    assert (warm["cached_prompt_tokens"], warm["cached_completion_tokens"]) == (cold["prompt_tokens"], cold["completion_tokens"])
+    assert warm["cost"] == pytest.approx(cold["cost"]) and free["cost"] == 0

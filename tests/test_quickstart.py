@@ -115,3 +115,20 @@ def test_the_served_teacher_leaves_every_cpu_to_the_student_jobs(tmp_path):
     assert [(d.ray_actor_options.num_cpus, d.ray_actor_options.num_gpus) for d in reserved] == [(0, 0)] * len(reserved)
     _, job = qs.student_jobs(["S_D-T"], 1)[0]
     assert (job.scaling.num_workers, job.scaling.cpus_per_worker) == (1, 1)
+
+
+def test_settings_share_one_response_cache_and_bill_its_replies_as_computed(tmp_path):
+    """The teacher's greedy replies to identical requests are reused across settings (the run's cache), and every
+    setting bills them at the model's price, so a cost per question does not depend on the settings' order; a
+    setting that opts out (the served product: every call through the app) runs without the cache."""
+    import dataclasses
+
+    from pipeline.quickstart import Quickstart, QuickstartConfig
+
+    qs = Quickstart(QuickstartConfig(out=str(tmp_path / "run")))
+    settings = qs.all_settings("http://127.0.0.1:1")
+    configs = [qs.infer_config(s) for s in settings]
+    assert {c.cache_dir for c in configs} == {qs.p("cache")}
+    assert all(c.pricing.bill_cached for c in configs)
+    alone = qs.infer_config(dataclasses.replace(settings[1], shares_cache=False))
+    assert alone.cache_dir is None and alone.pricing.bill_cached
