@@ -57,7 +57,7 @@ from pipeline.inference import InferConfig
 from pipeline.manifest import Manifest
 from pipeline.preparation import PrepareConfig
 from pipeline.selection import SelectConfig
-from pipeline.serving.app import shutdown, start
+from pipeline.serving.app import shutdown, start, start_http
 from pipeline.serving.config import ServeConfig
 from pipeline.solving import SolveConfig
 from training import job as training_job
@@ -279,7 +279,14 @@ class Quickstart:
         the teacher's time."""
         teacher, base = self.teacher_job(), self.student_base_job()
         self.steps_together({"train teacher": lambda: training_job.run(teacher),
-                             "pretrain the students' base (listing names)": lambda: training_job.run(base)})
+                             "pretrain the students' base (listing names)": lambda: self.pretrain_base(base)})
+
+    def pretrain_base(self, base: TrainConfig) -> Manifest:
+        """The students' base's train job, then Serve's controller and HTTP proxy: they start on the core the base
+        leaves idle while the teacher trains on, so that serving the teacher only adds its app (about 5 s less)."""
+        manifest = training_job.run(base)
+        start_http(self.serve_config(self.p("teacher", "model"), TEACHER_QD))
+        return manifest
 
     def train_config(self, spec: ModelSpec, data: dict[str, Any], tiny: dict[str, Any], out_dir: str, name: str) -> TrainConfig:
         return updated(self.shipped.train, {

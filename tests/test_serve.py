@@ -270,10 +270,11 @@ def test_burst_is_batched(served):
 
 def test_colocated_app_runs_both_models_in_the_ingress_replica(served):
     """``colocate: true``: one deployment; the models batch as they do in their own deployments."""
-    from pipeline.serving import shutdown, start
+    from pipeline.serving import shutdown, start, start_http
 
     cfg = _config(served["model_dir"], served["cfg"].http.port, app_name="divconq-colocated", route_prefix="/colocated",
                   colocate=True)
+    start_http(cfg)  # Serve's controller and proxy ahead of the app (here: joins the running ones)
     base = start(cfg)
     try:
         assert base.endswith("/colocated")

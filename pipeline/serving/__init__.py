@@ -1,6 +1,6 @@
 """Serve the distilled decomposer (and a solver) over HTTP with Ray Serve.
 
-``from pipeline.serving import ServeConfig, build_app, run, start, shutdown``; Ray is imported
+``from pipeline.serving import ServeConfig, build_app, run, start, start_http, shutdown``; Ray is imported
 only when an app is built or started.
 """
 
@@ -10,9 +10,9 @@ from typing import Any
 
 from pipeline.serving.config import ServeConfig, load_serve_config
 
-__all__ = ["ServeConfig", "app_builder", "build_app", "load_serve_config", "run", "shutdown", "start"]
+__all__ = ["ServeConfig", "app_builder", "build_app", "load_serve_config", "run", "shutdown", "start", "start_http"]
 
-_APP_NAMES = ("app_builder", "build_app", "run", "shutdown", "start")
+_APP_NAMES = ("app_builder", "build_app", "run", "shutdown", "start", "start_http")
 
 
 def __getattr__(name: str) -> Any:

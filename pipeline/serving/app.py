@@ -7,6 +7,7 @@
   overrides: [...], <section>: {...}}``); used by ``serve run|deploy configs/serve_deploy.yaml``.
 * :func:`start` ``(cfg) -> base_url``: start Serve's HTTP proxy on ``cfg.http`` and run the
   app under ``cfg.app_name`` / ``cfg.route_prefix``, returning once ``/healthz`` answers.
+  :func:`start_http` ``(cfg)``: Serve's controller and proxy alone, ahead of the app.
 * :func:`run` ``(cfg) -> Manifest``: the serve job (``divconq serve``): :func:`start`, print the
   URL and, with ``cfg.blocking``, serve until SIGINT/SIGTERM, then delete the app.
 * :func:`shutdown` ``(app_name=None)``: delete one app, or shut Serve down.
@@ -32,7 +33,7 @@ from pipeline.serving.config import ServeConfig, SolverBackendConfig, load_serve
 
 log = logging.getLogger("divconq.serve")
 
-__all__ = ["app_builder", "build_app", "load_serve_config", "run", "shutdown", "start"]
+__all__ = ["app_builder", "build_app", "load_serve_config", "run", "shutdown", "start", "start_http"]
 
 SHUTDOWN_TIMEOUT_S = 30
 
@@ -152,13 +153,22 @@ def start(cfg: ServeConfig, *, ingress_env: Optional[dict[str, str]] = None, rea
 
     if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):  # local Ray: paths are this machine's
         check_local_models(cfg)
-    init_ray(cfg.ray)
-    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    start_http(cfg)
     serve.run(build_app(cfg, ingress_env=ingress_env), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
     base = cfg.base_url()
     _wait_healthy(base + "/healthz", ready_timeout_s)
     log.info("serving %s (app %r) at %s", " and ".join(cfg.served_models()), cfg.app_name, base)
     return base
+
+
+def start_http(cfg: ServeConfig) -> None:
+    """Start (or join) Ray, then Serve's controller and HTTP proxy on ``cfg.http``, with no app yet: a caller
+    that knows it will serve soon can pay their start-up while it waits for the model (:func:`start` then
+    only adds the app)."""
+    from ray import serve  # lazy: ~2 s to import; validating a serve config must not pay it
+
+    init_ray(cfg.ray)
+    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
 
 
 def shutdown(app_name: Optional[str] = None) -> None:
