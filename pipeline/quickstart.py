@@ -18,10 +18,11 @@ Tables 1, 3 and 6 in small). A recipe over the jobs' ``run(cfg)``: it loads the 
    ``openai`` backend, as against any OpenAI-compatible teacher; **select** keeps the paper's four
    training sets.
 4. **students**: the four students (S_D-T, S_D-R, S_E-T, S_E-A), fine-tuned from the students'
-   base, dealt over as many side-by-side ``train`` jobs as there are CPUs for.
+   base, dealt over as many side-by-side ``train`` jobs as there are CPUs for; the product's app
+   (S_D-R with the teacher as solver) starts as soon as S_D-R's job ends, beside the teacher's.
 5. **infer** every setting of the paper's tables on the ``test`` questions (students in the
-   infer actors, the teacher over HTTP), then serve the product, S_D-R with the teacher as
-   solver, and infer through it; **evaluate** writes the report (scores with 95 % intervals,
+   infer actors, the teacher over HTTP, every setting's teacher calls through one response cache),
+   then infer through the product's app; **evaluate** writes the report (scores with 95 % intervals,
    tokens and cost per question by model size).
 
 Gold answers are used only where the paper uses them: scoring, rejection sampling (S_D-R)
@@ -70,6 +71,7 @@ STUDENTS = {"S_D-T": "decomposer_all", "S_D-R": "decomposer_correct", "S_E-T": "
 REPORT_TITLE = "divconq quickstart: the paper's experiment in miniature (a learned teacher, four distilled students)"
 # Served model names: each role of each served model has its own (the app routes chat requests by it).
 TEACHER_QD, TEACHER_QA, STUDENT_QD = "teacher-qd", "teacher-qa", "student-sd-r"
+PRODUCT_APP = "divconq-product"  # the product's Serve app, beside the teacher's (``divconq``)
 
 
 class SizePrices(Strict):
@@ -188,6 +190,7 @@ class Quickstart:
         self.out = storage.localize(cfg.out) if storage.is_local(cfg.out) else cfg.out
         self.shipped = Shipped.load()
         self.timings: dict[str, float] = {}
+        self.product_url: Optional[str] = None  # the product's app, once started (train_then_serve_product)
         self.progress = progress or (lambda line: log.info("%s", line))
 
     def p(self, *parts: str) -> str:
@@ -307,13 +310,22 @@ class Quickstart:
     def served(self, decomposer: str, decomposer_name: str) -> Iterator[str]:
         """Serve ``decomposer`` and the teacher as solver; yields the app's base URL."""
         cfg = self.serve_config(decomposer, decomposer_name)
+        try:
+            yield self.start_app(cfg, decomposer_name)
+        finally:
+            shutdown(cfg.app_name)
+
+    def start_app(self, cfg: ServeConfig, decomposer_name: str) -> str:
         t0 = time.time()
         base = start(cfg)
         self.timings[f"serve {decomposer_name} (start)"] = round(time.time() - t0, 1)
-        try:
-            yield base
-        finally:
-            shutdown(cfg.app_name)
+        return base
+
+    def product_config(self) -> ServeConfig:
+        """The product's app, S_D-R with the teacher as solver: under its own name and route, so it can start
+        while the teacher's app still serves."""
+        return updated(self.serve_config(self.p("students", "S_D-R"), STUDENT_QD),
+                       {"app_name": PRODUCT_APP, "route_prefix": "/product"})
 
     def serve_config(self, decomposer: str, decomposer_name: str) -> ServeConfig:
         """The app of :meth:`served`: both models colocated in the ingress replica, since a forward pass of these
@@ -364,8 +376,16 @@ class Quickstart:
         """The students from the students' base, dealt over as many single-worker train jobs as the cluster has
         CPUs for, run side by side (each job pays Ray Train and DeepSpeed's start-up once for its students)."""
         jobs = int(cluster_cpus())  # each job is one worker of one CPU (train_config)
-        self.steps_together({f"train students ({', '.join(group)})": lambda cfg=cfg: training_job.run(cfg)
-                             for group, cfg in self.student_jobs(names, jobs)})
+        self.steps_together({f"train students ({', '.join(group)})":
+                             (lambda cfg=cfg: self.train_then_serve_product(cfg)) if "S_D-R" in group else
+                             (lambda cfg=cfg: training_job.run(cfg)) for group, cfg in self.student_jobs(names, jobs)})
+
+    def train_then_serve_product(self, job: TrainConfig) -> Manifest:
+        """The train job that holds S_D-R, then the product's app: it starts on the core this job leaves idle while
+        the other job trains on (in a run on two CPUs; on one, after every student), beside the teacher's app."""
+        manifest = training_job.run(job)
+        self.product_url = self.start_app(self.product_config(), STUDENT_QD)
+        return manifest
 
     def student_jobs(self, names: list[str], jobs: int) -> list[tuple[list[str], TrainConfig]]:
         """``names`` dealt round-robin over at most ``jobs`` train jobs (on two: a decomposer and a solver
@@ -433,8 +453,10 @@ class Quickstart:
             "pricing": PricingConfig(models=models, bill_cached=True), "pool": {"max_actors": 1, "num_cpus": 0.25}})
 
     def serve_product(self) -> Setting:
-        """Serve S_D-R with the teacher as solver (the product), ask ``/v1/solve`` once, infer through it."""
-        with self.served(self.p("students", "S_D-R"), STUDENT_QD) as base_url:
+        """The product (S_D-R with the teacher as solver; served since its train job ended): ask ``/v1/solve`` once,
+        infer through it, then stop it."""
+        base_url = self.product_url or self.start_app(self.product_config(), STUDENT_QD)
+        try:
             question = W.generate(self.plan.world).questions["test"][0].to_row()
             body = {"question": question["question"], "dataset": question["dataset"]}
             demo = httpx.post(base_url + "/v1/solve", json=body, timeout=120).json()
@@ -443,6 +465,8 @@ class Quickstart:
             setting = Setting("S_D-R + teacher QA (served)", "sd_r-served", "static", self.remote(base_url, STUDENT_QD),
                               self.remote(base_url, TEACHER_QA), ("student", "teacher"), shares_cache=False)
             self.infer(setting)
+        finally:
+            shutdown(PRODUCT_APP)
         return setting
 
     def evaluate(self, settings: list[Setting]) -> str:

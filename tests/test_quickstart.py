@@ -132,3 +132,16 @@ def test_settings_share_one_response_cache_and_bill_its_replies_as_computed(tmp_
     assert all(c.pricing.bill_cached for c in configs)
     alone = qs.infer_config(dataclasses.replace(settings[1], shares_cache=False))
     assert alone.cache_dir is None and alone.pricing.bill_cached
+
+
+def test_the_product_app_starts_beside_the_teachers(tmp_path):
+    """The product's app starts when S_D-R's train job ends, while the teacher's app still serves: it needs its own
+    app name and route on Serve's one HTTP proxy, and like the teacher's it reserves no CPU."""
+    from pipeline.quickstart import TEACHER_QD, Quickstart, QuickstartConfig
+
+    qs = Quickstart(QuickstartConfig(out=str(tmp_path / "run")))
+    teacher, product = qs.serve_config(qs.p("teacher", "model"), TEACHER_QD), qs.product_config()
+    assert product.app_name != teacher.app_name and product.route_prefix != teacher.route_prefix
+    assert product.http == teacher.http and product.base_url() == teacher.base_url() + product.route_prefix
+    assert product.colocate and product.ingress.ray_actor_options.num_cpus == 0
+    assert product.decomposer.model == qs.p("students", "S_D-R") and product.solver.backend.model == qs.p("teacher", "model")
