@@ -4,8 +4,8 @@ Workers add ledger counters to their shard commit markers (:func:`ledger_usage`)
 ``ledger|<stage>|<model>|<mode>|<field>`` (``|`` because model names contain dots), so the
 existing shard totals sum them over committed shards and a resumed job counts every row once.
 :func:`cost_summary` prices them: online requests at the online price, batch requests at the
-batch price (``batch_discount``), cached responses at zero (at the online price with
-``pricing.bill_cached``: a system's cost, whatever an earlier run left in the cache). Prices come from, in order: a flat
+batch price (``batch_discount``), cached responses at zero (with ``pricing.bill_cached``, at the
+entry's own price, as if computed: a system's cost, whatever an earlier run left in the cache). Prices come from, in order: a flat
 ``pricing.prompt_per_1k``/``completion_per_1k`` when the config sets one, ``pricing.models``,
 ``pricing.table`` (a YAML file) and the shipped ``pipeline/prices.yaml``; a model in none of them
 costs 0 and is listed under ``unpriced`` so a report never silently shows a free teacher.
@@ -113,7 +113,7 @@ def cost_summary(totals: dict[str, Any], pricing: PricingConfig) -> dict[str, An
     entries, unpriced = [], []
     for e in ledger_entries(totals):
         price, source = price_of(e["model"], pricing)
-        if price is None and e["requests"]:
+        if price is None and (e["requests"] or (pricing.bill_cached and e["cached"])):
             unpriced.append(e["model"])
         prompt, completion = e["prompt_tokens"], e["completion_tokens"]
         if pricing.bill_cached:

@@ -31,6 +31,7 @@ and S_E-A's final answers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -384,7 +385,10 @@ class Quickstart:
         """The train job that holds S_D-R, then the product's app: it starts on the core this job leaves idle while
         the other job trains on (in a run on two CPUs; on one, after every student), beside the teacher's app."""
         manifest = training_job.run(job)
-        self.product_url = self.start_app(self.product_config(), STUDENT_QD)
+        try:
+            self.product_url = self.start_app(self.product_config(), STUDENT_QD)
+        except Exception as e:  # not this job's failure: serve_product starts the app again, and fails there if it must
+            self.progress(f"the product's app did not start beside the teacher's ({type(e).__name__}: {e}); it starts later")
         return manifest
 
     def student_jobs(self, names: list[str], jobs: int) -> list[tuple[list[str], TrainConfig]]:
@@ -449,8 +453,19 @@ class Quickstart:
             "solver": setting.solver, "output": {"dir": self.p("infer", setting.folder), "shard_size": 256},
             "decomposer_sampling": {"max_tokens": 80}, "solver_sampling": {"max_tokens": 112},
             "method": {"decomposer_few_shot": False, "solver_few_shot": False, "max_dynamic_steps": 5},
-            "cache_dir": self.p("cache") if setting.shares_cache else None,
+            "cache_dir": self.response_cache() if setting.shares_cache else None,
             "pricing": PricingConfig(models=models, bill_cached=True), "pool": {"max_actors": 1, "num_cpus": 0.25}})
+
+    def response_cache(self) -> str:
+        """The settings' response cache: a folder per set of models (a digest of their weights), so that a rerun
+        into the same output with a retrained teacher or student never reads the old models' replies (the cache's
+        keys name a model by its served name or path, not by its weights)."""
+        digest = hashlib.sha256()
+        for folder in [self.p("teacher", "model"), self.p("student_base", "model")] + [self.p("students", n) for n in STUDENTS]:
+            weights = storage.join(folder, "model.safetensors")
+            if storage.exists(weights):
+                digest.update(folder.encode() + hashlib.sha256(storage.read_bytes(weights)).digest())
+        return self.p("cache", digest.hexdigest()[:16])
 
     def serve_product(self) -> Setting:
         """The product (S_D-R with the teacher as solver; served since its train job ended): ask ``/v1/solve`` once,
@@ -467,7 +482,17 @@ class Quickstart:
             self.infer(setting)
         finally:
             shutdown(PRODUCT_APP)
+            self.product_url = None
         return setting
+
+    def stop_product(self) -> None:
+        """The product's app, if a failed run left it up: Serve apps outlive their driver on a cluster."""
+        if self.product_url is not None:
+            try:
+                shutdown(PRODUCT_APP)
+            except Exception as e:  # Ray already gone; the run's own error is the one to report
+                log.warning("could not delete the product's app: %s", e)
+            self.product_url = None
 
     def evaluate(self, settings: list[Setting]) -> str:
         refs = [SettingRef(name=s.name, predictions=self.p("infer", s.folder)) for s in settings]
@@ -481,16 +506,19 @@ class Quickstart:
         init_ray(self.cfg.ray)
         self.prepare()
         self.train_teacher_and_student_base()
-        with self.served(self.p("teacher", "model"), TEACHER_QD) as base_url:
-            self.distill(base_url)
-            trained = self.select()
-            if trained:
-                self.train_students(trained)
-            settings = self.settings(base_url, trained)
-            for setting in settings:
-                self.infer(setting)
-        if "S_D-R" in trained:
-            settings.insert(4, self.serve_product())
+        try:
+            with self.served(self.p("teacher", "model"), TEACHER_QD) as base_url:
+                self.distill(base_url)
+                trained = self.select()
+                if trained:
+                    self.train_students(trained)
+                settings = self.settings(base_url, trained)
+                for setting in settings:
+                    self.infer(setting)
+            if "S_D-R" in trained:
+                settings.insert(4, self.serve_product())
+        finally:
+            self.stop_product()
         report = self.evaluate(settings)
         shutdown()
         storage.write_json(self.p("timings.json"), self.timings)

@@ -59,7 +59,7 @@ def test_ledger_prices_online_batch_and_cache_apart():
     assert by[("solver", "gpt-4o", "online")]["cost"] == pytest.approx(2.5 + 5.0)
     assert by[("solver", "my-model", "online")]["cost"] == 0 and s["unpriced"] == ["my-model"]
     assert s["total_cost"] == pytest.approx(0.45 + 0.225 + 7.5) and s["currency"] == "USD"
-    # bill_cached: the cached reply's tokens at the online price, as if computed
+    # bill_cached: the cached reply's tokens at its entry's price (here online), as if computed
     billed = {(e["stage"], e["model"], e["mode"]): e for e in cost_summary(totals, PricingConfig(bill_cached=True))["by_stage_model"]}
     assert billed[("decomposer", "gpt-4o-mini", "online")]["cost"] == pytest.approx(0.45 + 10**3 * (0.15 + 0.60))
     assert billed[("solver", "gpt-4o", "online")]["cost"] == by[("solver", "gpt-4o", "online")]["cost"]

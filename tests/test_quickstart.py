@@ -126,12 +126,19 @@ def test_settings_share_one_response_cache_and_bill_its_replies_as_computed(tmp_
     from pipeline.quickstart import Quickstart, QuickstartConfig
 
     qs = Quickstart(QuickstartConfig(out=str(tmp_path / "run")))
+    teacher = tmp_path / "run" / "teacher" / "model"
+    teacher.mkdir(parents=True)
+    (teacher / "model.safetensors").write_bytes(b"weights, first teacher")
     settings = qs.all_settings("http://127.0.0.1:1")
     configs = [qs.infer_config(s) for s in settings]
-    assert {c.cache_dir for c in configs} == {qs.p("cache")}
+    shared = {c.cache_dir for c in configs}
+    assert len(shared) == 1 and shared.pop().startswith(qs.p("cache"))
     assert all(c.pricing.bill_cached for c in configs)
     alone = qs.infer_config(dataclasses.replace(settings[1], shares_cache=False))
     assert alone.cache_dir is None and alone.pricing.bill_cached
+    # a retrained teacher in the same output never reads the first one's replies
+    (teacher / "model.safetensors").write_bytes(b"weights, retrained")
+    assert qs.infer_config(settings[1]).cache_dir != configs[1].cache_dir
 
 
 def test_the_product_app_starts_beside_the_teachers(tmp_path):

@@ -88,6 +88,9 @@ def test_config_validation(tmp_path):
         ({"decomposer": {"model": "m", "bogus": 1}}, "decomposer.bogus"),
         ({"colocate": True, "decomposer": {"model": "m", "num_replicas": 2}}, "ingress.num_replicas"),
         ({"colocate": True, "decomposer": {"model": "m", "engine": "vllm"}}, "colocate: false"),
+        ({"colocate": True, "solver": {"backend": {"type": "hf", "model": "s"}, "ray_actor_options": {"num_gpus": 1}}},
+         "ingress.ray_actor_options"),
+        ({"colocate": True, "ingress": {"max_ongoing_requests": 4}}, "ingress.max_ongoing_requests"),
     ]:
         with pytest.raises(ConfigError) as ei:
             load_serve_config(sections={**base, **bad})

@@ -237,6 +237,13 @@ class ServeConfig(Strict):
                 if opts.num_replicas is not None or opts.autoscaling is not None:
                     raise ValueError(f"colocate: the models run in the ingress's replicas; set ingress.num_replicas, "
                                      f"not {stage}.num_replicas or {stage}.autoscaling")
+                own = opts.ray_actor_options
+                if own.num_gpus or own.resources:
+                    raise ValueError(f"colocate: the models run in the ingress's replicas; give ingress.ray_actor_options "
+                                     f"the GPUs and resources, not {stage}.ray_actor_options")
+                if self.ingress.max_ongoing_requests < opts.max_batch_size:
+                    raise ValueError(f"colocate: ingress.max_ongoing_requests ({self.ingress.max_ongoing_requests}) must be "
+                                     f">= {stage}.max_batch_size ({opts.max_batch_size}), or a batch can never fill")
             if self.decomposer.engine == "vllm":
                 raise ValueError("colocate: a vLLM decomposer runs in its own Serve LLM deployment; set colocate: false")
         if self.decomposer.served_name == self.solver.served_name:

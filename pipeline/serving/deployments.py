@@ -178,13 +178,17 @@ class _BatchedModel:
             "completion_tokens": self._counts["completion_tokens"],
         }
 
-    def __del__(self) -> None:
-        backend = getattr(self, "backend", None)
+    def close(self) -> None:
+        """Close the backend, once."""
+        backend, self.backend = getattr(self, "backend", None), None
         if backend is not None:
             try:
                 backend.close()
             except Exception:  # pragma: no cover
                 pass
+
+    def __del__(self) -> None:
+        self.close()
 
 
 @serve.deployment(name="Decomposer")
@@ -279,6 +283,12 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         return create_api(self)
+
+    def __del__(self) -> None:
+        if getattr(self, "colocated", False):  # the models are this replica's own: close their backends with it
+            for model in (getattr(self, "decomposer", None), getattr(self, "solver", None)):
+                if model is not None:
+                    model.close()
 
     # ------------------------------------------------------------ helpers used by the routes
     def authorized(self, header: Optional[str]) -> bool:
