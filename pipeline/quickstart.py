@@ -21,8 +21,9 @@ Tables 1, 3 and 6 in small). A recipe over the jobs' ``run(cfg)``: it loads the 
    base, dealt over as many side-by-side ``train`` jobs as there are CPUs for; the product's app
    (S_D-R with the teacher as solver) starts as soon as S_D-R's job ends, beside the teacher's.
 5. **infer** every setting of the paper's tables on the ``test`` questions (students in the
-   infer actors, the teacher over HTTP, every setting's teacher calls through one response cache),
-   then infer through the product's app; **evaluate** writes the report (scores with 95 % intervals,
+   infer actors, the teacher over HTTP, every setting's teacher calls through one response cache):
+   the settings that need no student beside steps 3-4, the students' settings after them, beside
+   infer through the product's app; **evaluate** writes the report (scores with 95 % intervals,
    tokens and cost per question by model size).
 
 Gold answers are used only where the paper uses them: scoring, rejection sampling (S_D-R)
@@ -180,6 +181,7 @@ class Setting:
     # the run's response cache: the settings that share a teacher model reuse its greedy replies to identical
     # requests (teacher QD's decompositions, teacher QA's answers to identical subquestions); billed as computed
     shares_cache: bool = True
+    student: Optional[str] = None  # the trained student it needs; None: it can run as soon as the teacher is served
 
 
 class Quickstart:
@@ -205,16 +207,18 @@ class Quickstart:
         self.progress(f"{name}: done in {self.timings[name]:.0f} s{_counts(result)}")
         return result
 
-    def steps_together(self, steps: dict[str, Callable[[], Any]]) -> None:
-        """Independent stages side by side, one line each as it starts and ends; the first failure is raised
-        once all have ended. Threads, because a Ray Train job's ``fit`` blocks its caller (Train supports
-        ``fit`` from a thread other than the main one, as Tune runs it): each thread only waits on its job."""
+    def steps_together(self, steps: dict[str, Callable[[], Any]], announce: bool = True) -> None:
+        """Independent stages side by side, one line each as it starts and ends (``announce=False``: lanes of
+        stages that announce themselves); the first failure is raised once all have ended. Threads, because a Ray
+        Train job's ``fit`` blocks its caller (Train supports ``fit`` from a thread other than the main one, as Tune
+        runs it) and so does a Ray Data job's iteration: each thread only waits on its jobs."""
+        run = self.step if announce else (lambda name, fn: fn())
         if len(steps) <= 1:
             for name, fn in steps.items():
-                self.step(name, fn)
+                run(name, fn)
             return
         pool = ThreadPoolExecutor(len(steps))
-        futures = {name: pool.submit(self.step, name, fn) for name, fn in steps.items()}
+        futures = {name: pool.submit(run, name, fn) for name, fn in steps.items()}
         try:
             wait(futures.values())
         except BaseException:
@@ -363,6 +367,24 @@ class Quickstart:
             "solver": self.remote(base_url, TEACHER_QA), "sampling": {"max_tokens": 112}, "method": zero_shot,
             "pool": {"max_actors": 1, "num_cpus": 0.25}})))
 
+    def distill_beside_teacher_settings(self, base_url: str) -> list[str]:
+        """generate, solve, select and train the students; beside them, the settings that need no student. Those
+        wait on the served teacher more than they compute (about 1.4 of 2 cores busy when run alone), so beside the
+        students' train jobs they fill cores that would idle; the students' settings run after. Returns the
+        students trained. The teacher's static setting runs first: its replies are the cache the students'
+        settings read (teacher QD's decompositions for S_E-T and S_E-A)."""
+        trained: list[str] = []
+
+        def distill() -> None:
+            self.distill(base_url)
+            trained.extend(self.select())
+            if trained:
+                self.train_students(trained)
+
+        early = sorted((s for s in self.all_settings(base_url) if s.student is None), key=lambda s: s.folder != "teacher-static")
+        self.steps_together({"the teacher's settings": lambda: self.infer_each(early), "distillation": distill}, announce=False)
+        return trained
+
     def select(self) -> list[str]:
         """The four training sets; returns the students that have rows (an untrained teacher may give none)."""
         manifest = self.step("select", lambda: selection.run(updated(self.shipped.select, {
@@ -419,9 +441,9 @@ class Quickstart:
 
     # ------------------------------------------------------------ evaluation
     def settings(self, base_url: str, trained: list[str]) -> list[Setting]:
-        """Every setting whose models exist (all of them, unless a student had no training rows)."""
-        wanted = {"S_D-T + teacher QA": "S_D-T", "teacher QD + S_E-T": "S_E-T", "teacher QD + S_E-A": "S_E-A"}
-        return [s for s in self.all_settings(base_url) if wanted.get(s.name, "") in trained + [""]]
+        """Every setting whose models exist (all of them, unless a student had no training rows), in the report's
+        order."""
+        return [s for s in self.all_settings(base_url) if s.student is None or s.student in trained]
 
     def all_settings(self, base_url: str) -> list[Setting]:
         teacher_qd, teacher_qa = self.remote(base_url, TEACHER_QD), self.remote(base_url, TEACHER_QA)
@@ -431,14 +453,18 @@ class Quickstart:
         return [Setting("single-stage teacher (direct)", "teacher-direct", "direct", None, teacher_qa, (t, t)),
                 Setting("teacher QD + teacher QA (static)", "teacher-static", "static", teacher_qd, teacher_qa, (t, t)),
                 Setting("teacher QD + teacher QA (dynamic)", "teacher-dynamic", "dynamic", teacher_qd, teacher_qa, (t, t)),
-                Setting("S_D-T + teacher QA", "sd_t", "static", local("S_D-T"), teacher_qa, (s, t)),
-                Setting("teacher QD + S_E-T", "se_t", "static", teacher_qd, local("S_E-T"), (t, s)),
-                Setting("teacher QD + S_E-A", "se_a", "static", teacher_qd, local("S_E-A"), (t, s)),
+                Setting("S_D-T + teacher QA", "sd_t", "static", local("S_D-T"), teacher_qa, (s, t), student="S_D-T"),
+                Setting("teacher QD + S_E-T", "se_t", "static", teacher_qd, local("S_E-T"), (t, s), student="S_E-T"),
+                Setting("teacher QD + S_E-A", "se_a", "static", teacher_qd, local("S_E-A"), (t, s), student="S_E-A"),
                 Setting("untrained student + teacher QA", "untrained", "static", untrained, teacher_qa, (s, t))]
 
     def infer(self, setting: Setting) -> None:
         cfg = self.infer_config(setting)
         self.step(f"infer: {setting.name}", lambda: inference.run(cfg))
+
+    def infer_each(self, settings: list[Setting]) -> None:
+        for setting in settings:
+            self.infer(setting)
 
     def infer_config(self, setting: Setting) -> InferConfig:
         """The infer job of one setting over every test question."""
@@ -454,18 +480,19 @@ class Quickstart:
             "decomposer_sampling": {"max_tokens": 80}, "solver_sampling": {"max_tokens": 112},
             "method": {"decomposer_few_shot": False, "solver_few_shot": False, "max_dynamic_steps": 5},
             "cache_dir": self.response_cache() if setting.shares_cache else None,
-            "pricing": PricingConfig(models=models, bill_cached=True), "pool": {"max_actors": 1, "num_cpus": 0.25}})
+            # no CPU reserved: the actor mostly waits on the served teacher, and the teacher's settings run while the
+            # students train (run), whose jobs need every CPU of the cluster (one each)
+            "pricing": PricingConfig(models=models, bill_cached=True), "pool": {"max_actors": 1, "num_cpus": 0}})
 
     def response_cache(self) -> str:
-        """The settings' response cache: a folder per set of models (a digest of their weights), so that a rerun
-        into the same output with a retrained teacher or student never reads the old models' replies (the cache's
-        keys name a model by its served name or path, not by its weights)."""
-        digest = hashlib.sha256()
-        for folder in [self.p("teacher", "model"), self.p("student_base", "model")] + [self.p("students", n) for n in STUDENTS]:
-            weights = storage.join(folder, "model.safetensors")
-            if storage.exists(weights):
-                digest.update(folder.encode() + hashlib.sha256(storage.read_bytes(weights)).digest())
-        return self.p("cache", digest.hexdigest()[:16])
+        """The settings' response cache: a folder per teacher (a digest of its weights), so that a rerun into the
+        same output with a retrained teacher never reads the old one's replies: the settings reach it by its served
+        name, which a retraining keeps. The local models (students, their base) name their weights in the cache's
+        keys themselves (``HFBackend.cache_name``), so the teacher's settings, run before the students exist, and
+        the students' share one folder."""
+        weights = storage.join(self.p("teacher", "model"), "model.safetensors")
+        digest = hashlib.sha256(storage.read_bytes(weights)).hexdigest()[:16] if storage.exists(weights) else "untrained"
+        return self.p("cache", digest)
 
     def serve_product(self) -> Setting:
         """The product (S_D-R with the teacher as solver; served since its train job ended): ask ``/v1/solve`` once,
@@ -506,17 +533,17 @@ class Quickstart:
         init_ray(self.cfg.ray)
         self.prepare()
         self.train_teacher_and_student_base()
+        product: list[Setting] = []
         try:
             with self.served(self.p("teacher", "model"), TEACHER_QD) as base_url:
-                self.distill(base_url)
-                trained = self.select()
-                if trained:
-                    self.train_students(trained)
+                trained = self.distill_beside_teacher_settings(base_url)
+                lanes = {"the students' settings": lambda: self.infer_each(
+                    [s for s in self.settings(base_url, trained) if s.student is not None])}
+                if "S_D-R" in trained:
+                    lanes["the product"] = lambda: product.append(self.serve_product())
+                self.steps_together(lanes, announce=False)
                 settings = self.settings(base_url, trained)
-                for setting in settings:
-                    self.infer(setting)
-            if "S_D-R" in trained:
-                settings.insert(4, self.serve_product())
+            settings[4:4] = product
         finally:
             self.stop_product()
         report = self.evaluate(settings)

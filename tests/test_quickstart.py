@@ -79,6 +79,14 @@ def test_quickstart_small_runs_every_stage(ray_session, tmp_path, capfd):
         student = _weights(os.path.join(out, "students", name))
         assert student.keys() == base.keys() and any((student[k] != base[k]).any() for k in student), name
 
+    # the teacher's settings ran beside the students' training, the students' after them: teacher QD's decompositions
+    # in S_E-T and S_E-A all came from the replies the static setting left in the run's one cache
+    for name in ("S_E-T", "S_E-A"):
+        if name in trained:
+            manifest = json.load(open(os.path.join(folders[f"teacher QD + {name}"], "manifest.json")))
+            decomposer = [m for m in manifest["usage"]["cost"]["by_stage_model"] if m["stage"] == "decomposer"]
+            assert [(m["model"], m["cached"], m["requests"]) for m in decomposer] == [("teacher-qd", 36, 0)], name
+
     # dynamic decomposition (one call per follow-up, history re-sent) makes more calls than static
     dyn = [r for r in _rows(folders["teacher QD + teacher QA (dynamic)"]) if not r.get("error")]
     sta = [r for r in static if not r.get("error")]
@@ -136,7 +144,12 @@ def test_settings_share_one_response_cache_and_bill_its_replies_as_computed(tmp_
     assert all(c.pricing.bill_cached for c in configs)
     alone = qs.infer_config(dataclasses.replace(settings[1], shares_cache=False))
     assert alone.cache_dir is None and alone.pricing.bill_cached
-    # a retrained teacher in the same output never reads the first one's replies
+    # a retrained teacher in the same output never reads the first one's replies; trained students do not move the
+    # folder (the teacher's settings run before they exist): they name their weights in the cache's keys
+    students = tmp_path / "run" / "students" / "S_D-T"
+    students.mkdir(parents=True)
+    (students / "model.safetensors").write_bytes(b"weights, a student")
+    assert qs.infer_config(settings[1]).cache_dir == configs[1].cache_dir
     (teacher / "model.safetensors").write_bytes(b"weights, retrained")
     assert qs.infer_config(settings[1]).cache_dir != configs[1].cache_dir
 
@@ -152,3 +165,33 @@ def test_the_product_app_starts_beside_the_teachers(tmp_path):
     assert product.http == teacher.http and product.base_url() == teacher.base_url() + product.route_prefix
     assert product.colocate and product.ingress.ray_actor_options.num_cpus == 0
     assert product.decomposer.model == qs.p("students", "S_D-R") and product.solver.backend.model == qs.p("teacher", "model")
+
+
+def test_a_local_model_retrained_in_place_never_reads_its_predecessors_cached_replies(tiny_model_dir, tmp_path):
+    """The quickstart's settings share one response cache from before the students exist to after; a local model
+    is named in the cache's keys by its path and its weights, so a copy of it hits the same entries only if the
+    weights are the same, and a model retrained into the same folder misses its predecessor's."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from pipeline.backends.base import Request, SamplingParams
+    from pipeline.backends.cache import CachedBackend
+    from pipeline.backends.hf_local import HFBackend, weights_digest
+
+    model = str(tmp_path / "student")
+    shutil.copytree(tiny_model_dir, model)
+    assert weights_digest(model) == weights_digest(tiny_model_dir) != ""
+    assert weights_digest(str(tmp_path)) == ""  # no weights: a hub name, named by itself
+    cache, request, params = str(tmp_path / "cache"), [Request(messages=[{"role": "user", "content": "How old?"}])], SamplingParams(max_tokens=4)
+
+    def ask() -> tuple[int, int]:
+        backend = CachedBackend(HFBackend(model, device="cpu"), cache)
+        backend.generate(request, params)
+        return backend.hits, backend.misses
+
+    assert ask() == (0, 1) and ask() == (1, 0)
+    weights = _weights(model)
+    save_file({k: v * 0.5 if v.dtype.kind == "f" else v for k, v in weights.items()}, os.path.join(model, "model.safetensors"))
+    assert weights_digest(model) != weights_digest(tiny_model_dir)
+    assert ask() == (0, 1) and ask() == (1, 0)

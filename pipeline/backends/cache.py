@@ -1,5 +1,8 @@
 """A response cache on local disk or S3, keyed by (model, prompt, sampling params, sample index).
 
+The model is the backend's ``cache_name`` where it has one (a local Hugging Face model: its path and a digest
+of its weights), else its ``name`` (a served model: the name it is served under).
+
 One small JSON object per key (``<root>/<k[:2]>/<k>.json``), so it is shared by every
 actor and node that can reach the same path, and a rerun of a job does not pay twice.
 Errors are never cached.
@@ -19,6 +22,8 @@ class CachedBackend(Backend):
         self.inner = inner
         self.root = root
         self.name = inner.name
+        # a backend may name its model more precisely for the cache than for reports (HFBackend: path and weights)
+        self.cache_name = getattr(inner, "cache_name", inner.name)
         self.hits = 0
         self.misses = 0
 
@@ -26,7 +31,7 @@ class CachedBackend(Backend):
         return storage.join(self.root, key[:2], f"{key}.json")
 
     def generate(self, requests: list[Request], params: SamplingParams) -> list[Completion]:
-        keys = [cache_key(self.name, r.messages, params, r.sample_index) for r in requests]
+        keys = [cache_key(self.cache_name, r.messages, params, r.sample_index) for r in requests]
         results: list[Completion | None] = [None] * len(requests)
         todo = []
         for i, key in enumerate(keys):

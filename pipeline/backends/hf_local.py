@@ -13,7 +13,9 @@ then the Completion says ``prompt_truncated`` (jobs count those in their manifes
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 from typing import Any, Literal
 
@@ -41,6 +43,29 @@ class HFBackendConfig(Tagged):
                                    "the model's context less one): false = quarantine its row; true = cut its "
                                    "oldest tokens and count it in the manifest (counts.truncated_prompts).")
     generation_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra model.generate() kwargs, e.g. {repetition_penalty: 1.2}.")
+
+
+WEIGHT_FILES = (".safetensors", ".bin", ".pt")
+_EDGE = 1 << 20  # bytes read from each end of a weights file by :func:`weights_digest`
+
+
+def weights_digest(folder: str) -> str:
+    """A short digest of a model folder's weights: each weights file's name, size and first and last MiB, so it is
+    cheap for a model of any size, the same for a copy (an ``s3://`` model localized here) and different for
+    retrained weights. "" when ``folder`` holds no weights (a hub name: its name is its identity)."""
+    digest, found = hashlib.sha256(), False
+    if os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            if not name.endswith(WEIGHT_FILES):
+                continue
+            path, found = os.path.join(folder, name), True
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                head = f.read(_EDGE)
+                f.seek(max(0, size - _EDGE))
+                tail = f.read(_EDGE)
+            digest.update(f"{name}:{size}:".encode() + head + tail)
+    return digest.hexdigest()[:16] if found else ""
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -74,6 +99,10 @@ class HFBackend(Backend):
 
         self.name = model
         path = model if storage.is_local(model) else storage.localize(model)  # a hub name is "local": no scheme
+        # the response cache's name for this model: its path *and* weights, so a model retrained into the same folder
+        # never reads the replies its predecessor left in a shared cache
+        weights = weights_digest(path)
+        self.cache_name = f"{model}@{weights}" if weights else model
         self.device = pick_device(device)
         self.batch_size = batch_size
         self.max_input_tokens = max_input_tokens
