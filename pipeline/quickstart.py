@@ -313,8 +313,10 @@ class Quickstart:
     # ------------------------------------------------------------ serving
     @contextmanager
     def served(self, decomposer: str, decomposer_name: str) -> Iterator[str]:
-        """Serve ``decomposer`` and the teacher as solver; yields the app's base URL."""
-        cfg = self.serve_config(decomposer, decomposer_name)
+        """Serve ``decomposer`` and the teacher as solver; yields the app's base URL. A replica per CPU: a replica's
+        generate loop is Python that holds one core at most (its GIL), and beside generate and solve the teacher's
+        settings ask for more (generate + solve took 44 s with two replicas, 70 s with one: qs24, qs25 in README)."""
+        cfg = self.serve_config(decomposer, decomposer_name, replicas=max(1, int(cluster_cpus())))
         try:
             yield self.start_app(cfg, decomposer_name)
         finally:
@@ -332,19 +334,20 @@ class Quickstart:
         return updated(self.serve_config(self.p("students", "S_D-R"), STUDENT_QD),
                        {"app_name": PRODUCT_APP, "route_prefix": "/product"})
 
-    def serve_config(self, decomposer: str, decomposer_name: str) -> ServeConfig:
+    def serve_config(self, decomposer: str, decomposer_name: str, replicas: int = 1) -> ServeConfig:
         """The app of :meth:`served`: both models colocated in the ingress replica, since a forward pass of these
         tiny models costs less than the actor hop to a model deployment (served static teacher setting: 1.61x the
         in-process wall time colocated, 2.41x split; benchmarks/results/bench_serve_overhead.md). The replica
         reserves no CPU: the teacher's app is started once and idles while the students train, and a reservation
-        would keep one of their train jobs waiting for a CPU (it runs one torch thread all the same)."""
+        would keep one of their train jobs waiting for a CPU (it runs one torch thread all the same). ``replicas``:
+        the teacher's app has one per CPU (:meth:`served`)."""
         return updated(self.shipped.serve, {
             "colocate": True,
             "decomposer": {"model": decomposer, "served_name": decomposer_name, "max_batch_size": 64,
                            "max_ongoing_requests": 128, "num_replicas": None},
             "solver": {"backend": {"type": "hf", "model": self.p("teacher", "model"), "batch_size": 64},
                        "served_name": TEACHER_QA, "max_batch_size": 64, "max_ongoing_requests": 128, "num_replicas": None},
-            "ingress": {"ray_actor_options": {"num_cpus": 0}},
+            "ingress": {"num_replicas": replicas, "ray_actor_options": {"num_cpus": 0}},
             "method": {"decomposer_few_shot": False, "solver_few_shot": False},
             "http": {"port": self.cfg.port}, "blocking": False})
 

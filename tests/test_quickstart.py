@@ -121,6 +121,9 @@ def test_the_served_teacher_leaves_every_cpu_to_the_student_jobs(tmp_path):
     # colocated, the ingress's replicas are the app's only ones (the models' own deployment options do not apply)
     reserved = [app.ingress] if app.colocate else [app.decomposer, app.solver, app.ingress]
     assert [(d.ray_actor_options.num_cpus, d.ray_actor_options.num_gpus) for d in reserved] == [(0, 0)] * len(reserved)
+    # as many replicas as asked (one per CPU in the run: served), all reserving none
+    assert qs.serve_config(qs.p("teacher", "model"), TEACHER_QD, replicas=2).ingress.num_replicas == 2
+    assert qs.product_config().ingress.num_replicas == 1
     _, job = qs.student_jobs(["S_D-T"], 1)[0]
     assert (job.scaling.num_workers, job.scaling.cpus_per_worker) == (1, 1)
 
