@@ -32,7 +32,6 @@ and S_E-A's final answers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -49,6 +48,7 @@ from pydantic import Field
 
 from pipeline import evaluation, generation, inference, preparation, selection, solving, storage, tiny_models
 from pipeline.backends import HFBackendConfig, OpenAIBackendConfig
+from pipeline.backends.hf_local import weights_digest
 from pipeline.cluster import cluster_cpus, init_ray, shutdown_ray
 from pipeline.config import ModelPrice, PricingConfig, RayConfig, Strict, load_config, updated
 from pipeline.data import SourceConfig
@@ -349,7 +349,7 @@ class Quickstart:
                        "served_name": TEACHER_QA, "max_batch_size": 64, "max_ongoing_requests": 128, "num_replicas": None},
             "ingress": {"num_replicas": replicas, "ray_actor_options": {"num_cpus": 0}},
             "method": {"decomposer_few_shot": False, "solver_few_shot": False},
-            "http": {"port": self.cfg.port}, "blocking": False})
+            "http": {"port": self.cfg.port, "access_log": False}, "blocking": False})
 
     def remote(self, base_url: str, name: str) -> OpenAIBackendConfig:
         """The served model ``name`` as an OpenAI-compatible backend of ``base_url``'s app."""
@@ -491,16 +491,14 @@ class Quickstart:
         """The settings' response cache: a folder per teacher (a digest of its weights), so that a rerun into the
         same output with a retrained teacher never reads the old one's replies: the settings reach it by its served
         name, which a retraining keeps. The local models (students, their base) name their weights in the cache's
-        keys themselves (``HFBackend.cache_name``), so the teacher's settings, run before the students exist, and
-        the students' share one folder."""
-        weights = storage.join(self.p("teacher", "model"), "model.safetensors")
-        digest = hashlib.sha256(storage.read_bytes(weights)).hexdigest()[:16] if storage.exists(weights) else "untrained"
-        return self.p("cache", digest)
+        keys themselves (``HFBackend.cache_name``, by the same digest), so the teacher's settings, run before the
+        students exist, and the students' share one folder."""
+        return self.p("cache", weights_digest(self.p("teacher", "model")) or "untrained")
 
     def serve_product(self) -> Setting:
         """The product (S_D-R with the teacher as solver; served since its train job ended): ask ``/v1/solve`` once,
         infer through it, then stop it."""
-        base_url = self.product_url or self.start_app(self.product_config(), STUDENT_QD)
+        base_url = self.product_url = self.product_url or self.start_app(self.product_config(), STUDENT_QD)
         try:
             question = W.generate(self.plan.world).questions["test"][0].to_row()
             body = {"question": question["question"], "dataset": question["dataset"]}
@@ -511,12 +509,12 @@ class Quickstart:
                               self.remote(base_url, TEACHER_QA), ("student", "teacher"), shares_cache=False)
             self.infer(setting)
         finally:
-            shutdown(PRODUCT_APP)
-            self.product_url = None
+            self.stop_product()
         return setting
 
     def stop_product(self) -> None:
-        """The product's app, if a failed run left it up: Serve apps outlive their driver on a cluster."""
+        """The product's app, if it is up: after its setting, or when a failed run left it (Serve apps outlive their
+        driver on a cluster)."""
         if self.product_url is not None:
             try:
                 shutdown(PRODUCT_APP)

@@ -170,6 +170,27 @@ def test_the_product_app_starts_beside_the_teachers(tmp_path):
     assert product.decomposer.model == qs.p("students", "S_D-R") and product.solver.backend.model == qs.p("teacher", "model")
 
 
+def test_a_models_weights_digest_reads_two_ranges_of_each_file_from_any_storage(s3_bucket, tmp_path):
+    """The digest that names a model in the response cache (and the quickstart's cache folder by its teacher) reads a
+    weights file's first and last MiB through ``storage``: a model on S3 gets its local copy's digest without being
+    downloaded, and a change at either end of a file changes it."""
+    from pipeline import storage
+    from pipeline.backends.hf_local import weights_digest
+
+    local = tmp_path / "model"
+    local.mkdir()
+    weights = bytearray(os.urandom(3 << 20))  # 3 MiB: its middle MiB is in neither range
+    (local / "model.safetensors").write_bytes(bytes(weights))
+    (local / "config.json").write_text("{}")
+    remote = f"{s3_bucket}/model"
+    storage.copy_dir(str(local), remote)
+    assert weights_digest(remote) == weights_digest(str(local)) != ""
+    assert weights_digest(f"{s3_bucket}/no-model") == ""
+    weights[-1] ^= 1
+    storage.write_bytes(storage.join(remote, "model.safetensors"), bytes(weights))
+    assert weights_digest(remote) != weights_digest(str(local))
+
+
 def test_a_local_model_retrained_in_place_never_reads_its_predecessors_cached_replies(tiny_model_dir, tmp_path):
     """The quickstart's settings share one response cache from before the students exist to after; a local model
     is named in the cache's keys by its path and its weights, so a copy of it hits the same entries only if the

@@ -275,8 +275,9 @@ def test_colocated_app_runs_both_models_in_the_ingress_replica(served):
     """``colocate: true``: one deployment; the models batch as they do in their own deployments."""
     from pipeline.serving import shutdown, start, start_http
 
+    http = {"host": "127.0.0.1", "port": served["cfg"].http.port, "access_log": False}
     cfg = _config(served["model_dir"], served["cfg"].http.port, app_name="divconq-colocated", route_prefix="/colocated",
-                  colocate=True)
+                  colocate=True, http=http)
     start_http(cfg)  # Serve's controller and proxy ahead of the app (here: joins the running ones)
     base = start(cfg)
     try:
@@ -301,8 +302,23 @@ def test_colocated_app_runs_both_models_in_the_ingress_replica(served):
         # the split app of the module's fixture still runs beside it, in its own replicas
         split = httpx.get(served["base"] + "/v1/stats").json()
         assert split["decomposer"]["pid"] != split["ingress"]["pid"]
+        # http.access_log: false: its replica logs no line per request; the fixture's app (default: on) does
+        assert _access_log_lines("divconq-colocated") == 0 and _access_log_lines(served["cfg"].app_name) > 0
     finally:
         shutdown(cfg.app_name)
+
+
+def _access_log_lines(app: str) -> int:
+    """Serve's access log lines (``-- GET /path 200 5.1ms``) in the replica logs of ``app`` on this node."""
+    import glob
+    import re
+
+    import ray
+
+    line = re.compile(r" -- (GET|POST) \S+ \d{3} ")
+    logs = glob.glob(os.path.join(ray._private.worker._global_node.get_logs_dir_path(), "serve", f"replica_{app}_*.log"))
+    assert logs, f"no replica log of {app}"
+    return sum(1 for path in logs for text in open(path, errors="replace") if line.search(text))
 
 
 # ---------------------------------------------------------------- bad requests

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import posixpath
 import time
 from typing import Any, Literal
 
@@ -50,17 +51,19 @@ _EDGE = 1 << 20  # bytes read from each end of a weights file by :func:`weights_
 
 
 def weights_digest(folder: str) -> str:
-    """A short digest of a model folder's weights: each weights file's name, size and first and last MiB, so it is
-    cheap for a model of any size, the same for a copy (an ``s3://`` model localized here) and different for
-    retrained weights. "" when ``folder`` holds no weights (a hub name: its name is its identity)."""
+    """A short digest of a model folder's weights (local or object storage): each weights file's name, size and first
+    and last MiB, so it is cheap for a model of any size, the same for a copy (an ``s3://`` model and its local copy)
+    and different for retrained weights. "" when ``folder`` holds no weights (a hub name: its name is its identity)."""
     digest, found = hashlib.sha256(), False
-    if os.path.isdir(folder):
-        for name in sorted(os.listdir(folder)):
+    if storage.is_dir(folder):
+        for uri in storage.list_files(folder, recursive=False):
+            name = posixpath.basename(uri)
             if not name.endswith(WEIGHT_FILES):
                 continue
-            path, found = os.path.join(folder, name), True
-            size = os.path.getsize(path)
-            with open(path, "rb") as f:
+            found = True
+            with storage.open_input(uri) as f:  # two ranged reads: never the whole file from object storage
+                size = f.seek(0, os.SEEK_END)
+                f.seek(0)
                 head = f.read(_EDGE)
                 f.seek(max(0, size - _EDGE))
                 tail = f.read(_EDGE)

@@ -154,7 +154,8 @@ def start(cfg: ServeConfig, *, ingress_env: Optional[dict[str, str]] = None, rea
     if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):  # local Ray: paths are this machine's
         check_local_models(cfg)
     start_http(cfg)
-    serve.run(build_app(cfg, ingress_env=ingress_env), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False)
+    serve.run(build_app(cfg, ingress_env=ingress_env), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False,
+              logging_config={"enable_access_log": cfg.http.access_log})
     base = cfg.base_url()
     _wait_healthy(base + "/healthz", ready_timeout_s)
     log.info("serving %s (app %r) at %s", " and ".join(cfg.served_models()), cfg.app_name, base)
@@ -168,7 +169,8 @@ def start_http(cfg: ServeConfig) -> None:
     from ray import serve  # lazy: ~2 s to import; validating a serve config must not pay it
 
     init_ray(cfg.ray)
-    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port},
+                logging_config={"enable_access_log": cfg.http.access_log})
 
 
 def shutdown(app_name: Optional[str] = None) -> None:

@@ -53,6 +53,8 @@ __all__ = [
 class HTTPConfig(Strict):
     host: str = Field("127.0.0.1", description="Bind address of Serve's HTTP proxy (0.0.0.0 to listen on all interfaces).")
     port: int = Field(8000, ge=1, le=65535)
+    access_log: bool = Field(True, description="Serve's access log line per request (proxy and replicas): off saves "
+                             "their CPU where requests are many and small (the quickstart).")
 
 
 class ActorOptions(Strict):

@@ -29,7 +29,7 @@ from collections import Counter
 from typing import Any, Optional
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request as HTTPRequest
@@ -360,23 +360,61 @@ def _add_error_handling(app: FastAPI, svc: Ingress) -> None:
             msg = str(e.detail)
         return JSONResponse(api.error_body(msg, "invalid_request_error"), status_code=e.status_code)
 
-    @app.middleware("http")
-    async def _auth_and_errors(request: HTTPRequest, call_next):
-        path = request.scope.get("path", "")
-        root = request.scope.get("root_path", "") or ""
-        if root and path.startswith(root):
-            path = path[len(root):] or "/"
-        if path != "/healthz" and not svc.authorized(request.headers.get("authorization")):
-            response = _error_response(APIError(401, "missing or invalid bearer token (send 'Authorization: Bearer <token>')",
-                                                "authentication_error", code="invalid_api_key"))
+    app.add_middleware(_AuthAndErrors, svc=svc)
+
+
+class _AuthAndErrors:
+    """Bearer-token auth on every route but /healthz, a 500 for a bug in a route, and the count of responses by
+    status. Plain ASGI, not ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware runs each request through a
+    task group and memory streams, CPU that every request paid in the ingress replica (benchmarks/bench_serve_overhead)."""
+
+    def __init__(self, app: Any, svc: Ingress) -> None:
+        self.app, self.svc = app, svc
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status: list[int] = []
+
+        async def counted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        path = _route_path(scope)
+        if path != "/healthz" and not self.svc.authorized(_header(scope, b"authorization")):
+            await _error_response(APIError(401, "missing or invalid bearer token (send 'Authorization: Bearer <token>')",
+                                           "authentication_error", code="invalid_api_key"))(scope, receive, counted)
         else:
             try:
-                response = await call_next(request)
+                await self.app(scope, receive, counted)
             except Exception as e:  # a bug in a route: answer 500 and keep serving
-                logger.exception("unhandled error on %s %s", request.method, path)
-                response = _error_response(APIError(500, f"internal error: {type(e).__name__}", "server_error"))
-        svc._status[response.status_code] += 1
-        return response
+                if status:  # the response has started: nothing else can be sent
+                    raise
+                logger.exception("unhandled error on %s %s", scope.get("method"), path)
+                await _error_response(APIError(500, f"internal error: {type(e).__name__}", "server_error"))(scope, receive, counted)
+        if status:
+            self.svc._status[status[0]] += 1
+
+
+def _route_path(scope: dict) -> str:
+    """The request's path below the app's route prefix."""
+    path, root = scope.get("path", ""), scope.get("root_path", "") or ""
+    return (path[len(root):] or "/") if root and path.startswith(root) else path
+
+
+def _header(scope: dict, name: bytes) -> Optional[str]:
+    for key, value in scope.get("headers") or ():
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _json(model: Any) -> Response:
+    """A pydantic response model as JSON, serialized once by pydantic (a route that returns a dict has FastAPI
+    walk it with ``jsonable_encoder`` first)."""
+    return Response(model.model_dump_json(), media_type="application/json")
 
 
 def _chat_stream(svc: Ingress, req: api.ChatRequest, out: dict[str, Any], cid: str, created: int,
@@ -417,13 +455,13 @@ async def _chat(svc: Ingress, request: HTTPRequest):
                           total_tokens=out["prompt_tokens"] + out["completion_tokens"])
     if req.stream:
         return _chat_stream(svc, req, out, cid, created, usage)
-    return api.ChatCompletionResponse(
+    return _json(api.ChatCompletionResponse(
         id=cid, created=created, model=req.model, usage=usage,
         choices=[api.ChatChoice(message=api.ChatChoiceMessage(content=out["text"]), finish_reason=out["finish_reason"])],
-    ).model_dump()
+    ))
 
 
-async def _solve(svc: Ingress, request: HTTPRequest) -> dict[str, Any]:
+async def _solve(svc: Ingress, request: HTTPRequest) -> Response:
     """POST /v1/solve: the paper's static two-stage method (:func:`pipeline.method.static`, the same
     program the solve and infer jobs run), each call awaited on the Decomposer or Solver deployment."""
     started = time.perf_counter()
@@ -439,13 +477,13 @@ async def _solve(svc: Ingress, request: HTTPRequest) -> dict[str, Any]:
     o = await method.run_async(method.static(req.row(), svc.cfg.method), call)
     stage_usage = {s: api.StageUsage(prompt_tokens=t.prompt_tokens, completion_tokens=t.completion_tokens)
                    for s, t in o.usage.stages.items()}
-    return api.SolveResponse(
+    return _json(api.SolveResponse(
         subquestions=o.subquestions or [], subanswers=o.subanswers or [], answer=o.prediction,
         decomposition_parsed=bool(o.decomposition_parsed), decomposer_text=o.decomposer_text or "",
         solver_text=o.solver_text or "", parse_warning=o.warning, usage=api.SolveUsage(**stage_usage),
         models={stage: name for name, stage in svc.served_models.items()},
         latency_s=round(time.perf_counter() - started, 4),
-    ).model_dump()
+    ))
 
 
 def create_api(svc: Ingress) -> FastAPI:
@@ -470,7 +508,7 @@ def create_api(svc: Ingress) -> FastAPI:
         return await _chat(svc, request)
 
     @app.post("/v1/solve")
-    async def solve(request: HTTPRequest) -> dict[str, Any]:
+    async def solve(request: HTTPRequest) -> Response:
         return await _solve(svc, request)
 
     return app
