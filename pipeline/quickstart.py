@@ -18,8 +18,10 @@ Tables 1, 3 and 6 in small). A recipe over the jobs' ``run(cfg)``: it loads the 
    ``openai`` backend, as against any OpenAI-compatible teacher; **select** keeps the paper's four
    training sets.
 4. **students**: the four students (S_D-T, S_D-R, S_E-T, S_E-A), fine-tuned from the students'
-   base, dealt over as many side-by-side ``train`` jobs as there are CPUs for; the product's app
-   (S_D-R with the teacher as solver) starts as soon as S_D-R's job ends, beside the teacher's.
+   base, dealt over as many side-by-side ``train`` jobs as there are CPUs for; the jobs start when
+   the base is done (their workers up while the teacher still trains) and train once select has
+   written their sets; the product's app (S_D-R with the teacher as solver) starts as soon as
+   S_D-R's job ends, beside the teacher's.
 5. **infer** every setting of the paper's tables on the ``test`` questions (students in the
    infer actors, the teacher over HTTP, every setting's teacher calls through one response cache):
    the settings that need no student beside steps 3-4, the students' settings after them, beside
@@ -38,7 +40,7 @@ import os
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
@@ -74,6 +76,7 @@ REPORT_TITLE = "divconq quickstart: the paper's experiment in miniature (a learn
 # Served model names: each role of each served model has its own (the app routes chat requests by it).
 TEACHER_QD, TEACHER_QA, STUDENT_QD = "teacher-qd", "teacher-qa", "student-sd-r"
 PRODUCT_APP = "divconq-product"  # the product's Serve app, beside the teacher's (``divconq``)
+STUDENT_JOB_CPUS = 0.01  # what a students' train job reserves per worker (start_students)
 
 
 class SizePrices(Strict):
@@ -194,6 +197,8 @@ class Quickstart:
         self.shipped = Shipped.load()
         self.timings: dict[str, float] = {}
         self.product_url: Optional[str] = None  # the product's app, once started (train_then_serve_product)
+        self._students: dict[str, Future] = {}  # the students' train jobs, once started (start_students)
+        self._student_pool: Optional[ThreadPoolExecutor] = None
         self.progress = progress or (lambda line: log.info("%s", line))
 
     def p(self, *parts: str) -> str:
@@ -290,10 +295,12 @@ class Quickstart:
                              "pretrain the students' base (listing names)": lambda: self.pretrain_base(base)})
 
     def pretrain_base(self, base: TrainConfig) -> Manifest:
-        """The students' base's train job, then Serve's controller and HTTP proxy: they start on the core the base
-        leaves idle while the teacher trains on, so that serving the teacher only adds its app (about 5 s less)."""
+        """The students' base's train job, then Serve's controller and HTTP proxy and the students' train jobs: they
+        start on the core the base leaves idle while the teacher trains on, so that serving the teacher only adds its
+        app (about 5 s less) and the students' jobs wait for their sets with their workers up (:meth:`start_students`)."""
         manifest = training_job.run(base)
         start_http(self.serve_config(self.p("teacher", "model"), TEACHER_QD))
+        self.start_students()
         return manifest
 
     def train_config(self, spec: ModelSpec, data: dict[str, Any], tiny: dict[str, Any], out_dir: str, name: str) -> TrainConfig:
@@ -371,18 +378,17 @@ class Quickstart:
             "pool": {"max_actors": 1, "num_cpus": 0.25}})))
 
     def distill_beside_teacher_settings(self, base_url: str) -> list[str]:
-        """generate, solve, select and train the students; beside them, the settings that need no student. Those
-        wait on the served teacher more than they compute (about 1.4 of 2 cores busy when run alone), so beside the
-        students' train jobs they fill cores that would idle; the students' settings run after. Returns the
-        students trained. The teacher's static setting runs first: its replies are the cache the students'
+        """generate, solve and select, then wait for the students' train jobs (started with the base:
+        :meth:`start_students`); beside them, the settings that need no student. Those wait on the served teacher
+        more than they compute (about 1.4 of 2 cores busy when run alone), so beside the students' train jobs they
+        fill cores that would idle; the students' settings run after. Returns the students trained. The teacher's static setting runs first: its replies are the cache the students'
         settings read (teacher QD's decompositions for S_E-T and S_E-A)."""
         trained: list[str] = []
 
         def distill() -> None:
             self.distill(base_url)
             trained.extend(self.select())
-            if trained:
-                self.train_students(trained)
+            self.finish_students()
 
         early = sorted((s for s in self.all_settings(base_url) if s.student is None), key=lambda s: s.folder != "teacher-static")
         self.steps_together({"the teacher's settings": lambda: self.infer_each(early), "distillation": distill}, announce=False)
@@ -398,18 +404,40 @@ class Quickstart:
             self.progress(f"{name}: no training rows (the teacher gave none that qualify): not trained, its settings skipped")
         return have
 
-    def train_students(self, names: list[str]) -> None:
-        """The students from the students' base, dealt over as many single-worker train jobs as the cluster has
-        CPUs for, run side by side (each job pays Ray Train and DeepSpeed's start-up once for its students)."""
-        jobs = int(cluster_cpus())  # each job is one worker of one CPU (train_config)
-        self.steps_together({f"train students ({', '.join(group)})":
-                             (lambda cfg=cfg: self.train_then_serve_product(cfg)) if "S_D-R" in group else
-                             (lambda cfg=cfg: training_job.run(cfg)) for group, cfg in self.student_jobs(names, jobs)})
+    def start_students(self) -> None:
+        """The four students' train jobs, dealt over as many single-worker jobs as the cluster has CPUs, started now
+        and side by side in the background (:meth:`finish_students` waits for them). Each job's worker group starts,
+        loads the students' base and imports DeepSpeed at once, then waits for select's manifest
+        (``data.wait_for``): that start (30-45 s a job, measured in qs27) is paid on the core the base leaves idle
+        while the teacher trains on, not after select. A student whose set select leaves empty is skipped
+        (``data.skip_if_empty``), as :meth:`select` reports."""
+        jobs = self.student_jobs(list(STUDENTS), int(cluster_cpus()))
+        # the marker they wait for: a rerun into this output rewrites select's sets, so its old manifest goes first
+        storage.delete(self.p("select", "manifest.json"))
+        self._student_pool = ThreadPoolExecutor(max(1, len(jobs)))
+        self._students = {f"train students ({', '.join(group)})": self._student_pool.submit(
+            self.step, f"train students ({', '.join(group)})",
+            (lambda cfg=cfg: self.train_then_serve_product(cfg)) if "S_D-R" in group else (lambda cfg=cfg: training_job.run(cfg)))
+            for group, cfg in jobs}
+
+    def finish_students(self) -> None:
+        """Wait for the students' train jobs (:meth:`start_students`); the first failure is raised once all have
+        ended."""
+        wait(self._students.values())
+        if self._student_pool is not None:
+            self._student_pool.shutdown(wait=False)
+        failed = [(name, f.exception()) for name, f in self._students.items() if f.exception() is not None]
+        for name, error in failed:
+            self.progress(f"{name}: failed: {error}")
+        if failed:
+            raise failed[0][1]
 
     def train_then_serve_product(self, job: TrainConfig) -> Manifest:
         """The train job that holds S_D-R, then the product's app: it starts on the core this job leaves idle while
         the other job trains on (in a run on two CPUs; on one, after every student), beside the teacher's app."""
         manifest = training_job.run(job)
+        if not storage.exists(storage.join(self.p("students", "S_D-R"), "manifest.json")):  # no rows: not trained
+            return manifest
         try:
             self.product_url = self.start_app(self.product_config(), STUDENT_QD)
         except Exception as e:  # not this job's failure: serve_product starts the app again, and fails there if it must
@@ -431,15 +459,20 @@ class Quickstart:
                 # S_D-T copied a question's relation word or guessed it per entity (exact decompositions of held-out
                 # chain questions, 3 seeds: 30-40 % sorted, 43-89 % shuffled steps, 63-99 % random; probe_batch_order)
                 runs.append({"name": name, "data": {"train_path": self.p("select", STUDENTS[name], "train"), "validation_path": None,
-                                                    "pack_or_group": "none"},
+                                                    "pack_or_group": "none", "wait_for": self.p("select", "manifest.json"),
+                                                    "wait_timeout_s": 3600, "skip_if_empty": True},
                              "output_dir": self.p("students", name), "schedule": {"max_steps": spec.steps},
                              "optim": {"lr": spec.lr, "warmup_ratio": 0.05, "betas": (0.9, 0.95)}})
             run_name = "students" if jobs == 1 else f"students-{i + 1}"
             cfg = self.train_config(plan.student_base, {"train_path": runs[0]["data"]["train_path"], "validation_path": None},
                                     {}, self.p("students", "jobs", run_name), run_name)
             # checkpoint cadence from the students' own steps (train_config took it from the base's)
+            # a token CPU reserved (Ray Train refuses an empty bundle): the jobs start while the teacher's job holds
+            # its CPU and wait for select with their workers up (start_students); each trains on one torch thread,
+            # one job per core
             out.append((group, updated(cfg, {"model": {"build_tiny": False, "name_or_path": self.p("student_base", "model")},
-                                             "runs": runs, "schedule": {"checkpoint_every_steps": max(100, plan.decomposer.steps // 4)}})))
+                                             "runs": runs, "schedule": {"checkpoint_every_steps": max(100, plan.decomposer.steps // 4)},
+                                             "scaling": {"cpus_per_worker": STUDENT_JOB_CPUS}})))
         return out
 
     # ------------------------------------------------------------ evaluation
@@ -533,9 +566,9 @@ class Quickstart:
         started = time.time()
         init_ray(self.cfg.ray)
         self.prepare()
-        self.train_teacher_and_student_base()
         product: list[Setting] = []
         try:
+            self.train_teacher_and_student_base()
             with self.served(self.p("teacher", "model"), TEACHER_QD) as base_url:
                 trained = self.distill_beside_teacher_settings(base_url)
                 lanes = {"the students' settings": lambda: self.infer_each(
@@ -545,6 +578,10 @@ class Quickstart:
                 self.steps_together(lanes, announce=False)
                 settings = self.settings(base_url, trained)
             settings[4:4] = product
+        except BaseException:
+            if any(not f.done() for f in self._students.values()):
+                shutdown_ray()  # the students' jobs wait for a select that will not come: end them with this run
+            raise
         finally:
             self.stop_product()
         report = self.evaluate(settings)

@@ -108,13 +108,15 @@ def test_students_are_dealt_over_jobs_with_one_schedule_and_random_micro_batches
     assert {r.data.pack_or_group for r in runs.values()} == {"none"}
     assert {(r.schedule.max_steps, r.optim.lr) for r in runs.values()} == {(qs.plan.decomposer.steps, qs.plan.decomposer.lr)}
     assert all(r.data.train_path.endswith(f"select/{STUDENTS[n]}/train") for n, r in runs.items())
+    # started before select runs (start_students), they wait for its manifest, and a set it leaves empty is skipped
+    assert {(r.data.wait_for, r.data.skip_if_empty) for r in runs.values()} == {(qs.p("select", "manifest.json"), True)}
     assert qs.student_jobs([], 2) == []
 
 
 def test_the_served_teacher_leaves_every_cpu_to_the_student_jobs(tmp_path):
     """The teacher's app stays up from distillation to the last setting; while it idles, the students' train
     jobs (one CPU each, as many as the cluster has CPUs) must all fit beside it, so it reserves none."""
-    from pipeline.quickstart import TEACHER_QD, Quickstart, QuickstartConfig
+    from pipeline.quickstart import STUDENT_JOB_CPUS, TEACHER_QD, Quickstart, QuickstartConfig
 
     qs = Quickstart(QuickstartConfig(out=str(tmp_path / "run")))
     app = qs.serve_config(qs.p("teacher", "model"), TEACHER_QD)
@@ -124,8 +126,9 @@ def test_the_served_teacher_leaves_every_cpu_to_the_student_jobs(tmp_path):
     # as many replicas as asked (one per CPU in the run: served), all reserving none
     assert qs.serve_config(qs.p("teacher", "model"), TEACHER_QD, replicas=2).ingress.num_replicas == 2
     assert qs.product_config().ingress.num_replicas == 1
+    # the students' jobs start while the teacher's holds its CPU (start_students): each reserves a token CPU
     _, job = qs.student_jobs(["S_D-T"], 1)[0]
-    assert (job.scaling.num_workers, job.scaling.cpus_per_worker) == (1, 1)
+    assert (job.scaling.num_workers, job.scaling.cpus_per_worker) == (1, STUDENT_JOB_CPUS) and 2 * STUDENT_JOB_CPUS < 1
 
 
 def test_settings_share_one_response_cache_and_bill_its_replies_as_computed(tmp_path):

@@ -540,3 +540,60 @@ def test_one_job_trains_several_models_and_resumes_each(ray_cluster, sft_data, t
     run(config(8))  # a longer schedule for b only: a is skipped, b resumes from its final checkpoint
     a2, b2 = (storage.read_json(f"{out}/students/{n}/manifest.json") for n in "ab")
     assert a2 == a and b2["counts"]["steps"] == 8 and b2["history"][-1]["start_step"] == 6
+
+
+def test_a_job_waits_for_its_input_and_skips_a_model_whose_set_is_empty(ray_cluster, sft_data, tiny_model_dir, tmp_path):
+    """``data.wait_for``: a job started before its input exists (the quickstart starts the students' jobs while the
+    teacher still trains) trains once the upstream job's completion marker appears, written here after the job's
+    data, as select writes its sets before its manifest. ``data.skip_if_empty``: a model whose set has no rows is
+    skipped and the job goes on. A marker that never appears fails the job, naming the marker."""
+    import shutil
+    import threading
+
+    import yaml
+
+    from pipeline import storage
+    from training.config import TrainConfig
+    from training.job import run
+
+    train, _ = sft_data
+    out, upstream = str(tmp_path), str(tmp_path / "select")
+    marker = f"{upstream}/manifest.json"
+
+    def config(timeout_s: float, names: str) -> TrainConfig:
+        runs = "\n".join(f"              - {{name: {n}, data: {{train_path: {upstream}/{n}}}}}" for n in names)
+        return TrainConfig.model_validate(yaml.safe_load(f"""
+            ray: {{num_cpus: 2}}
+            data: {{train_path: {upstream}/a, max_length: 128, wait_for: {marker}, wait_timeout_s: {timeout_s}, skip_if_empty: true}}
+            model: {{build_tiny: false, name_or_path: {tiny_model_dir}}}
+            deepspeed: {{micro_batch_size: 4, precision: fp32}}
+            optim: {{lr: 3.0e-3, warmup_steps: 1, scheduler: constant}}
+            schedule: {{epochs: 1, max_steps: 3, log_every_steps: 1}}
+            scaling: {{num_workers: 1, cpus_per_worker: 0.01}}
+            failure: {{max_failures: 0}}
+            output: {{dir: {out}/students, checkpoint_dir: {out}/checkpoints, run_name: students{len(names)}}}
+            runs:
+{runs}
+        """))
+
+    # the students' base is built already (a tiny model built by the job would read its training text on the driver)
+    os.makedirs(upstream)
+    shutil.copytree(train, f"{upstream}/a")
+    with pytest.raises(Exception, match="wait_for"):  # nothing ever writes the marker
+        run(config(1, "a"))
+    assert not storage.exists(f"{out}/students/a/manifest.json")
+
+    done: dict = {}
+    job = threading.Thread(target=lambda: done.update(summary=run(config(600, "ab")).to_dict()))
+    job.start()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(f"{upstream}/b")  # b: a set that the upstream filter left empty (its columns, no rows)
+    pq.write_table(pa.Table.from_pylist(make_rows(1)).slice(0, 0), f"{upstream}/b/part-00000.parquet")
+    storage.write_json(marker, {"job": "select"})  # last, as select writes its manifest
+    job.join()
+    assert [m["model"] for m in done["summary"]["models"]] == ["a"], done
+    a = storage.read_json(f"{out}/students/a/manifest.json")
+    assert a["counts"]["steps"] == 3 and "wait_input_s" in a["timings"]
+    assert not storage.exists(f"{out}/students/b/manifest.json")

@@ -47,6 +47,13 @@ class TrainDataConfig(Strict):
     )
     mega_batch_multiplier: int = Field(32, ge=1, description="group_by_length: mega-batch = this many rounds of micro-batches.")
     shuffle: bool = True
+    wait_for: Optional[str] = Field(
+        None, description="A path (local or s3://) that must exist before the workers read train_path: the completion "
+        "marker of the job that writes it (e.g. the select job's manifest.json). The job's workers then start, load "
+        "the base model and import DeepSpeed while that job still runs.")
+    wait_timeout_s: float = Field(3600.0, gt=0, description="How long to wait for wait_for before failing.")
+    skip_if_empty: bool = Field(False, description="A train set without usable rows skips this model (no manifest is "
+                                "written) instead of failing the job: for a set that an upstream filter may leave empty.")
 
 
 class TinyModelConfig(Strict):
@@ -250,7 +257,8 @@ class TrainConfig(Strict):
             return p if not p or not storage.is_local(p) else storage.localize(p)
 
         def fix_data(d: Optional[TrainDataConfig]) -> Optional[TrainDataConfig]:
-            return d and d.model_copy(update={"train_path": fix(d.train_path), "validation_path": fix(d.validation_path)})
+            return d and d.model_copy(update={"train_path": fix(d.train_path), "validation_path": fix(d.validation_path),
+                                              "wait_for": fix(d.wait_for)})
 
         runs = [r.model_copy(update={"data": fix_data(r.data), "output_dir": fix(r.output_dir), "resume_from": fix(r.resume_from)})
                 for r in self.runs]

@@ -49,7 +49,7 @@ def run(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> Manifest:
     started = time.time()
     cfg = cfg.with_absolute_paths()
     models = cfg.model_runs()
-    todo = []
+    todo, skipped = [], set()
     for i, m in enumerate(models):
         if already_trained(m):
             log.info("train %s: already trained and exported to %s, skipped", m.output.run_name, m.output.dir)
@@ -64,10 +64,13 @@ def run(cfg: TrainConfig, callbacks: Sequence[Callback] = ()) -> Manifest:
         callbacks = [ProgressLog(), *callbacks, *test_callbacks_from_env()]
         job_plan = JobPlan(plans, several=cfg.several, callbacks=callbacks)
         result, timings["fit_s"] = _seconds(_fit, cfg, job_plan, len(models))
-        for plan in plans:
-            _finish_model(plan, result, cfg.several, started, timings)
-    manifests = [read_manifest(m.output.dir) for m in models]
-    return Manifest.model_validate(manifests[0]) if not cfg.several else _job_summary(cfg, manifests, started)
+        skipped = {plan.cfg.output.run_name for plan in plans if _finish_model(plan, result, cfg.several, started, timings) is None}
+    manifests = [read_manifest(m.output.dir) if m.output.run_name not in skipped else None for m in models]
+    if cfg.several:
+        return _job_summary(cfg, manifests, started)
+    if manifests[0] is None:  # its only model had no rows (data.skip_if_empty)
+        return Manifest.of("train", cfg, inputs={"train_path": cfg.data.train_path}, counts={"models": 0}, started_at=started)
+    return Manifest.model_validate(manifests[0])
 
 
 def fingerprint(cfg: TrainConfig) -> dict[str, Any]:
@@ -158,13 +161,16 @@ def _seconds(fn, *args: Any) -> tuple[Any, float]:
     return out, round(time.time() - start, 3)
 
 
-def _finish_model(plan: ModelPlan, result, several: bool, started: float, job_timings: dict[str, float]) -> dict[str, Any]:
-    """Export the model's final checkpoint to its ``output.dir`` and write its manifest."""
+def _finish_model(plan: ModelPlan, result, several: bool, started: float, job_timings: dict[str, float]) -> Optional[dict[str, Any]]:
+    """Export the model's final checkpoint to its ``output.dir`` and write its manifest (None: skipped, no rows)."""
     from training.checkpointing import latest_of, read_trainer_state  # lazy: worker side (see the note above)
     from training.export import export_from_checkpoint  # lazy: torch, transformers (see the note above)
 
     cfg, name = plan.cfg, plan.cfg.output.run_name
     final = latest_of(name, list(result.best_checkpoints or []), several, final_only=True)
+    if final is None and cfg.data.skip_if_empty:  # the recipe found no usable rows and trained nothing
+        log.info("train %s: not trained: no usable rows in %s (data.skip_if_empty)", name, cfg.data.train_path)
+        return None
     if final is None:
         raise ValueError(f"training {name} produced no final checkpoint")
     checkpoint, metrics = final

@@ -144,6 +144,7 @@ class SFTRecipe:
         self.state = TrainerState(model=self.name)
         self.timings: dict[str, float] = {}
         self.finished = False  # a final checkpoint already covers every step: nothing to load or train
+        self.skipped = False  # an empty train set with data.skip_if_empty: nothing to train or export
         self.engine: Optional[Engine] = None
         self._window = [0.0, 0.0]  # loss sum, micro-steps since the last report
         self._session_tokens = 0.0
@@ -157,8 +158,13 @@ class SFTRecipe:
         torch.manual_seed(self.cfg.seed + self.worker.rank)
         with self._timed("load_s"):
             self._load_tokenizer()
+        if self.cfg.data.wait_for:
+            with self._timed("wait_input_s"):
+                self._wait_for_input()
         with self._timed("tokenize_s"):
             self._load_data()
+        if self.skipped:
+            return
         with self._timed("find_checkpoint_s"):  # waits for Ray Train to register this group's earlier reports
             resume = self._find_resume_checkpoint()
         if self.finished:
@@ -184,9 +190,28 @@ class SFTRecipe:
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
+    def _wait_for_input(self) -> None:
+        """Until ``data.wait_for`` exists (the upstream job's completion marker): the worker group has started and
+        loaded the base model by then; DeepSpeed, which the engine needs next, is imported while it waits."""
+        import deepspeed  # noqa: F401  (imported now, while the worker only waits: the engine's next step needs it)
+
+        path, timeout = self.cfg.data.wait_for, self.cfg.data.wait_timeout_s
+        deadline = time.monotonic() + timeout
+        while not storage.exists(path):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"train {self.name}: data.wait_for {path} did not appear within {timeout:g} s "
+                                   f"(the job that writes {self.cfg.data.train_path} did not finish)")
+            time.sleep(0.5)  # polling: storage (local or object store) has no change notification we could await
+
     def _load_data(self) -> None:
         data = self.cfg.data
         self.train_data = sft_data.tokenize_rows(self.tokenizer, sft_data.read_conversations(data.train_path), data.max_length)
+        if not self.train_data.examples and data.skip_if_empty:
+            self.skipped = True
+            if self.worker.rank == 0:
+                progress_logger().info("train %s: no usable training examples in %s: skipped (data.skip_if_empty)",
+                                       self.name, data.train_path)
+            return
         if not self.train_data.examples:
             raise ValueError(f"no usable training examples in {data.train_path}")
         self.val_data = None
@@ -225,6 +250,8 @@ class SFTRecipe:
     # ================================================================ train
     def train(self) -> None:
         """Train from the resume position to the end of the schedule, then hand back a final checkpoint."""
+        if self.skipped:  # no rows (data.skip_if_empty): no model, no checkpoint
+            return
         if self.finished:
             self._call("on_model_end")
             return
