@@ -193,7 +193,8 @@ class SFTRecipe:
     def _wait_for_input(self) -> None:
         """Until ``data.wait_for`` exists (the upstream job's completion marker): the worker group has started and
         loaded the base model by then; DeepSpeed, which the engine needs next, is imported while it waits."""
-        import deepspeed  # noqa: F401  (imported now, while the worker only waits: the engine's next step needs it)
+        # lazy: imported now, while the worker only waits (the engine, next, needs it; it picks its accelerator at import)
+        import deepspeed  # noqa: F401
 
         path, timeout = self.cfg.data.wait_for, self.cfg.data.wait_timeout_s
         deadline = time.monotonic() + timeout
