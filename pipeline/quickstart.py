@@ -381,8 +381,9 @@ class Quickstart:
         """generate, solve and select, then wait for the students' train jobs (started with the base:
         :meth:`start_students`); beside them, the settings that need no student. Those wait on the served teacher
         more than they compute (about 1.4 of 2 cores busy when run alone), so beside the students' train jobs they
-        fill cores that would idle; the students' settings run after. Returns the students trained. The teacher's static setting runs first: its replies are the cache the students'
-        settings read (teacher QD's decompositions for S_E-T and S_E-A)."""
+        fill cores that would idle; the students' settings run after. Returns the students trained. The teacher's
+        static setting runs first: its replies are the cache the students' settings read (teacher QD's decompositions
+        for S_E-T and S_E-A)."""
         trained: list[str] = []
 
         def distill() -> None:
@@ -408,8 +409,8 @@ class Quickstart:
         """The four students' train jobs, dealt over as many single-worker jobs as the cluster has CPUs, started now
         and side by side in the background (:meth:`finish_students` waits for them). Each job's worker group starts,
         loads the students' base and imports DeepSpeed at once, then waits for select's manifest
-        (``data.wait_for``): that start (30-45 s a job, measured in qs27) is paid on the core the base leaves idle
-        while the teacher trains on, not after select. A student whose set select leaves empty is skipped
+        (``data.wait_for``): that start (51-63 s a job outside its training loops, after select, in qs27 and qs29) is
+        paid on the core the base leaves idle while the teacher trains on, not after select (12-24 s: qs28, qs30). A student whose set select leaves empty is skipped
         (``data.skip_if_empty``), as :meth:`select` reports."""
         jobs = self.student_jobs(list(STUDENTS), int(cluster_cpus()))
         # the marker they wait for: a rerun into this output rewrites select's sets, so its old manifest goes first
