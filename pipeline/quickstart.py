@@ -198,7 +198,6 @@ class Quickstart:
         self.timings: dict[str, float] = {}
         self.product_url: Optional[str] = None  # the product's app, once started (train_then_serve_product)
         self._students: dict[str, Future] = {}  # the students' train jobs, once started (start_students)
-        self._student_pool: Optional[ThreadPoolExecutor] = None
         self.progress = progress or (lambda line: log.info("%s", line))
 
     def p(self, *parts: str) -> str:
@@ -214,16 +213,26 @@ class Quickstart:
 
     def steps_together(self, steps: dict[str, Callable[[], Any]], announce: bool = True) -> None:
         """Independent stages side by side, one line each as it starts and ends (``announce=False``: lanes of
-        stages that announce themselves); the first failure is raised once all have ended. Threads, because a Ray
-        Train job's ``fit`` blocks its caller (Train supports ``fit`` from a thread other than the main one, as Tune
-        runs it) and so does a Ray Data job's iteration: each thread only waits on its jobs."""
-        run = self.step if announce else (lambda name, fn: fn())
+        stages that announce themselves); the first failure is raised once all have ended."""
         if len(steps) <= 1:
+            run = self.step if announce else (lambda name, fn: fn())
             for name, fn in steps.items():
                 run(name, fn)
             return
-        pool = ThreadPoolExecutor(len(steps))
+        self.end_together(self.start_together(steps, announce))
+
+    def start_together(self, steps: dict[str, Callable[[], Any]], announce: bool = True) -> dict[str, Future]:
+        """Start ``steps`` side by side and return at once (:meth:`end_together` waits for them). Threads, because a
+        Ray Train job's ``fit`` blocks its caller (Train supports ``fit`` from a thread other than the main one, as
+        Tune runs it) and so does a Ray Data job's iteration: each thread only waits on its jobs."""
+        run = self.step if announce else (lambda name, fn: fn())
+        pool = ThreadPoolExecutor(max(1, len(steps)))
         futures = {name: pool.submit(run, name, fn) for name, fn in steps.items()}
+        pool.shutdown(wait=False)  # takes no more steps; those submitted run on
+        return futures
+
+    def end_together(self, futures: dict[str, Future]) -> None:
+        """Wait for steps of :meth:`start_together`; the first failure is raised once all have ended."""
         try:
             wait(futures.values())
         except BaseException:
@@ -231,8 +240,6 @@ class Quickstart:
             # stop the jobs by leaving Ray (their controllers die with this driver), then let the threads end
             shutdown_ray()
             raise
-        finally:
-            pool.shutdown(wait=False)
         failed = [(name, f.exception()) for name, f in futures.items() if f.exception() is not None]
         for name, error in failed:
             self.progress(f"{name}: failed: {error}")
@@ -410,34 +417,26 @@ class Quickstart:
         and side by side in the background (:meth:`finish_students` waits for them). Each job's worker group starts,
         loads the students' base and imports DeepSpeed at once, then waits for select's manifest
         (``data.wait_for``): that start (51-63 s a job outside its training loops, after select, in qs27 and qs29) is
-        paid on the core the base leaves idle while the teacher trains on, not after select (12-24 s: qs28, qs30). A student whose set select leaves empty is skipped
-        (``data.skip_if_empty``), as :meth:`select` reports."""
+        paid on the core the base leaves idle while the teacher trains on, not after select (12-24 s: qs28, qs30).
+        A student whose set select leaves empty is skipped (``data.skip_if_empty``), as :meth:`select` reports."""
         jobs = self.student_jobs(list(STUDENTS), int(cluster_cpus()))
         # the marker they wait for: a rerun into this output rewrites select's sets, so its old manifest goes first
         storage.delete(self.p("select", "manifest.json"))
-        self._student_pool = ThreadPoolExecutor(max(1, len(jobs)))
-        self._students = {f"train students ({', '.join(group)})": self._student_pool.submit(
-            self.step, f"train students ({', '.join(group)})",
-            (lambda cfg=cfg: self.train_then_serve_product(cfg)) if "S_D-R" in group else (lambda cfg=cfg: training_job.run(cfg)))
-            for group, cfg in jobs}
+        self._students = self.start_together({
+            f"train students ({', '.join(group)})":
+                (lambda cfg=cfg: self.train_then_serve_product(cfg)) if "S_D-R" in group else (lambda cfg=cfg: training_job.run(cfg))
+            for group, cfg in jobs})
 
     def finish_students(self) -> None:
         """Wait for the students' train jobs (:meth:`start_students`); the first failure is raised once all have
         ended."""
-        wait(self._students.values())
-        if self._student_pool is not None:
-            self._student_pool.shutdown(wait=False)
-        failed = [(name, f.exception()) for name, f in self._students.items() if f.exception() is not None]
-        for name, error in failed:
-            self.progress(f"{name}: failed: {error}")
-        if failed:
-            raise failed[0][1]
+        self.end_together(self._students)
 
     def train_then_serve_product(self, job: TrainConfig) -> Manifest:
         """The train job that holds S_D-R, then the product's app: it starts on the core this job leaves idle while
         the other job trains on (in a run on two CPUs; on one, after every student), beside the teacher's app."""
         manifest = training_job.run(job)
-        if not storage.exists(storage.join(self.p("students", "S_D-R"), "manifest.json")):  # no rows: not trained
+        if "S_D-R" not in [m["model"] for m in manifest.to_dict().get("models", [])]:  # no rows: skipped, not trained
             return manifest
         try:
             self.product_url = self.start_app(self.product_config(), STUDENT_QD)
@@ -461,7 +460,7 @@ class Quickstart:
                 # chain questions, 3 seeds: 30-40 % sorted, 43-89 % shuffled steps, 63-99 % random; probe_batch_order)
                 runs.append({"name": name, "data": {"train_path": self.p("select", STUDENTS[name], "train"), "validation_path": None,
                                                     "pack_or_group": "none", "wait_for": self.p("select", "manifest.json"),
-                                                    "wait_timeout_s": 3600, "skip_if_empty": True},
+                                                    "skip_if_empty": True},
                              "output_dir": self.p("students", name), "schedule": {"max_steps": spec.steps},
                              "optim": {"lr": spec.lr, "warmup_ratio": 0.05, "betas": (0.9, 0.95)}})
             run_name = "students" if jobs == 1 else f"students-{i + 1}"
