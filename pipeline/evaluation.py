@@ -12,8 +12,8 @@ system that fails more rows cannot score higher; ``coverage`` (answered / all) s
 
 from __future__ import annotations
 
+import io
 import logging
-import os
 import time
 from typing import Any, Optional
 
@@ -259,14 +259,10 @@ def write_plots(results: dict[str, Any], out: str) -> list[str]:
             else:
                 ax.set_xticklabels([_wrap(label) for label in labels], fontsize=7)
         fig.tight_layout()
-        name = f"{kind}.png"
-        local = os.path.join(storage.localize(out), name) if storage.is_local(out) else os.path.join("/tmp", f"divconq-{os.getpid()}-{name}")
-        os.makedirs(os.path.dirname(local), exist_ok=True)
-        fig.savefig(local, dpi=110)
+        name, png = f"{kind}.png", io.BytesIO()
+        fig.savefig(png, format="png", dpi=110)  # in memory: one atomic write to any store, no temp file left behind
         plt.close(fig)
-        if not storage.is_local(out):
-            with open(local, "rb") as f:
-                storage.write_bytes(storage.join(out, name), f.read())
+        storage.write_bytes(storage.join(out, name), png.getvalue())
         names.append(name)
     return names
 

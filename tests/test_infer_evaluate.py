@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import pytest
 
@@ -123,6 +124,9 @@ def test_quarantined_questions_count_as_wrong_with_coverage_beside(tmp_path):
 def test_evaluate_writes_to_s3(s3_bucket, tmp_path):
     pred = f"{s3_bucket}/pred"
     tables.write_rows(storage.join(pred, "data", "shard-00000.parquet"), [_fixed_row(0, "bamboogle", True, 1.0)], INFER_SCHEMA)
+    pngs_here = lambda: {f for f in os.listdir(tempfile.gettempdir()) if f.endswith(".png")}  # noqa: E731
+    before = pngs_here()
     evaluate(EvaluateConfig(settings=[SettingRef(name="s3", predictions=pred)], output=EvaluateOutput(dir=f"{s3_bucket}/eval")))
     assert "| bamboogle | s3 | accuracy | 100.0 | 100.0 | 1 |" in storage.read_text(f"{s3_bucket}/eval/report.md")
     assert storage.exists(f"{s3_bucket}/eval/metric.png")
+    assert pngs_here() == before  # the plots went to S3 only: no copy left in the machine's temp folder
