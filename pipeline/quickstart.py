@@ -63,7 +63,7 @@ from pipeline.inference import InferConfig
 from pipeline.manifest import Manifest
 from pipeline.preparation import PrepareConfig
 from pipeline.selection import SelectConfig
-from pipeline.serving.app import shutdown, start, start_http
+from pipeline.serving.app import deploy, shutdown, start, wait_ready
 from pipeline.serving.config import ServeConfig
 from pipeline.solving import SolveConfig
 from training import job as training_job
@@ -299,15 +299,26 @@ class Quickstart:
         tokenizer, written first), and each is one single-threaded worker, so on two cores together they take
         the teacher's time."""
         teacher, base = self.teacher_job(), self.student_base_job()
-        self.steps_together({"train teacher": lambda: training_job.run(teacher),
+        storage.delete(self.teacher_ready())  # the teacher's app, deployed early, must load this run's teacher
+        self.steps_together({"train teacher": lambda: self.train_teacher(teacher),
                              "pretrain the students' base (listing names)": lambda: self.pretrain_base(base)})
 
+    def train_teacher(self, job: TrainConfig) -> Manifest:
+        """The teacher's train job, then the marker its app's replicas wait for (:meth:`teacher_app_config`)."""
+        manifest = training_job.run(job)
+        storage.write_text(self.teacher_ready(), weights_digest(self.p("teacher", "model")))
+        return manifest
+
+    def teacher_ready(self) -> str:
+        return self.p("teacher", "ready")
+
     def pretrain_base(self, base: TrainConfig) -> Manifest:
-        """The students' base's train job, then Serve's controller and HTTP proxy and the students' train jobs: they
-        start on the core the base leaves idle while the teacher trains on, so that serving the teacher only adds its
-        app (about 5 s less) and the students' jobs wait for their sets with their workers up (:meth:`start_students`)."""
+        """The students' base's train job, then the teacher's app and the students' train jobs: they start on the core
+        the base leaves idle while the teacher trains on. The app's replicas import torch and transformers and wait
+        for the teacher (:meth:`teacher_app_config`), and the students' jobs wait for their sets with their workers up
+        (:meth:`start_students`)."""
         manifest = training_job.run(base)
-        start_http(self.serve_config(self.p("teacher", "model"), TEACHER_QD))
+        deploy(self.teacher_app_config())
         self.start_students()
         return manifest
 
@@ -327,15 +338,27 @@ class Quickstart:
 
     # ------------------------------------------------------------ serving
     @contextmanager
-    def served(self, decomposer: str, decomposer_name: str) -> Iterator[str]:
-        """Serve ``decomposer`` and the teacher as solver; yields the app's base URL. A replica per CPU: a replica's
-        generate loop is Python that holds one core at most (its GIL), and beside generate and solve the teacher's
-        settings ask for more (generate + solve took 44 s with two replicas, 70 s with one: qs24, qs25 in README)."""
-        cfg = self.serve_config(decomposer, decomposer_name, replicas=max(1, int(cluster_cpus())))
+    def served(self) -> Iterator[str]:
+        """The teacher's app (deployed by :meth:`pretrain_base`), once its replicas have loaded the teacher; yields its
+        base URL."""
+        cfg = self.teacher_app_config()
         try:
-            yield self.start_app(cfg, decomposer_name)
+            t0 = time.time()
+            wait_ready(cfg)
+            self.timings[f"serve {TEACHER_QD} (start)"] = round(time.time() - t0, 1)
+            yield cfg.base_url()
         finally:
             shutdown(cfg.app_name)
+
+    def teacher_app_config(self) -> ServeConfig:
+        """The teacher as decomposer and solver. A replica per CPU: a replica's generate loop is Python that holds one
+        core at most (its GIL), and beside generate and solve the teacher's settings ask for more (generate + solve took
+        44 s with two replicas, 70 s with one: qs24, qs25 in README). Deployed before the teacher is trained, its
+        replicas load it when :meth:`train_teacher` marks it written (``wait_for``): their start (a process, torch and
+        transformers: about 10 s) is paid on the core the base leaves idle, not after the teacher."""
+        cfg = self.serve_config(self.p("teacher", "model"), TEACHER_QD, replicas=max(1, int(cluster_cpus())))
+        ready = {"wait_for": self.teacher_ready()}
+        return updated(cfg, {"decomposer": ready, "solver": {"backend": ready}})
 
     def start_app(self, cfg: ServeConfig, decomposer_name: str) -> str:
         t0 = time.time()
@@ -599,7 +622,7 @@ class Quickstart:
         self.prepare()
         try:
             self.train_teacher_and_student_base()
-            with self.served(self.p("teacher", "model"), TEACHER_QD) as base_url:
+            with self.served() as base_url:
                 trained = self.distill_beside_teacher_settings(base_url)
                 product = self.students_settings(base_url, trained)
                 settings = self.settings(base_url, trained)

@@ -29,6 +29,7 @@ import posixpath
 import shutil
 import tempfile
 import threading
+import time
 from typing import Any, Callable, Iterator, Optional
 
 import fsspec
@@ -389,6 +390,16 @@ def _info(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> Optional[dict[s
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return _info(fs, path, uri) is not None
+
+
+def wait_for(uri: str, timeout_s: float, waiter: str) -> None:
+    """Return once ``uri`` exists (an upstream job's completion marker), polling every half second; a
+    ``TimeoutError`` naming ``waiter`` and the path after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not exists(uri):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{waiter}: {uri} did not appear within {timeout_s:g} s (the job that writes it did not finish)")
+        time.sleep(0.5)  # polling: storage (local or object store) has no change notification we could await
 
 
 def is_dir(uri: str) -> bool:

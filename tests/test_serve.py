@@ -566,3 +566,48 @@ def test_cli_serves_in_foreground_until_sigterm(served):
             proc.kill()
             proc.wait()
             serve.delete("divconq-cli")
+
+
+# ---------------------------------------------------------------- a model that is still being trained
+def test_a_model_waits_for_its_marker_and_fails_naming_it(tiny_model_dir, tmp_path):
+    """``wait_for``: the backend loads nothing before the marker exists, and says which marker it waited for."""
+    from pipeline.backends import HFBackendConfig, make_backend
+
+    marker = str(tmp_path / "teacher" / "ready")
+    with pytest.raises(TimeoutError, match=f"wait_for: {marker} did not appear within 0.5 s"):
+        make_backend(HFBackendConfig(model=tiny_model_dir, device="cpu", wait_for=marker, wait_timeout_s=0.5))
+    os.makedirs(os.path.dirname(marker))
+    open(marker, "w").close()
+    assert make_backend(HFBackendConfig(model=tiny_model_dir, device="cpu", wait_for=marker)).name == tiny_model_dir
+
+
+def test_an_app_deployed_before_its_model_exists_serves_it_once_marked(served, tmp_path):
+    """The quickstart deploys the teacher's app while the teacher trains: the replicas start (no model to check yet)
+    and load the model when its marker appears; one replica, never restarted."""
+    import glob
+    import shutil
+
+    import ray
+
+    from pipeline.serving import shutdown
+    from pipeline.serving.app import deploy, wait_ready
+
+    model, marker = str(tmp_path / "model"), str(tmp_path / "ready")
+    http = {"host": "127.0.0.1", "port": served["cfg"].http.port, "access_log": False}
+    waits = {"wait_for": marker}
+    cfg = _config(model, served["cfg"].http.port, decomposer=waits, app_name="divconq-waiting", route_prefix="/waiting",
+                  colocate=True, http=http, ingress={"num_replicas": 1},
+                  solver={"backend": {"type": "hf", "model": model, "device": "cpu", "dtype": "float32", **waits},
+                          "sampling": {"max_tokens": 12}})
+    base = deploy(cfg)  # returns at once: the model does not exist yet
+    try:
+        shutil.copytree(served["model_dir"], model)  # "training" ends: the model, then its marker
+        open(marker, "w").close()
+        wait_ready(cfg)
+        r = httpx.post(base + "/v1/chat/completions", timeout=60,
+                       json={"model": SERVED, "max_tokens": 4, "messages": [{"role": "user", "content": "Why?"}]})
+        assert r.status_code == 200, r.text
+        logs = glob.glob(os.path.join(ray._private.worker._global_node.get_logs_dir_path(), "serve", "replica_divconq-waiting_*.log"))
+        assert len(logs) == 1, logs
+    finally:
+        shutdown(cfg.app_name)

@@ -196,13 +196,7 @@ class SFTRecipe:
         # lazy: imported now, while the worker only waits (the engine, next, needs it; it picks its accelerator at import)
         import deepspeed  # noqa: F401
 
-        path, timeout = self.cfg.data.wait_for, self.cfg.data.wait_timeout_s
-        deadline = time.monotonic() + timeout
-        while not storage.exists(path):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"train {self.name}: data.wait_for {path} did not appear within {timeout:g} s "
-                                   f"(the job that writes {self.cfg.data.train_path} did not finish)")
-            time.sleep(0.5)  # polling: storage (local or object store) has no change notification we could await
+        storage.wait_for(self.cfg.data.wait_for, self.cfg.data.wait_timeout_s, f"train {self.name}: data.wait_for")
 
     def _load_data(self) -> None:
         data = self.cfg.data

@@ -36,8 +36,8 @@ def make_backend(cfg, cache_dir: Optional[str] = None, job_dir: Optional[str] = 
     elif kind == "hf":
         backend = HFBackend(cfg.model, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size,
                             trust_remote_code=cfg.trust_remote_code, max_input_tokens=cfg.max_input_tokens,
-                            truncate_prompts=cfg.truncate_prompts,
-                            generation_kwargs=cfg.generation_kwargs)
+                            truncate_prompts=cfg.truncate_prompts, generation_kwargs=cfg.generation_kwargs,
+                            wait_for=cfg.wait_for, wait_timeout_s=cfg.wait_timeout_s)
     elif kind == "reference":
         backend = ReferenceBackend(cfg.model, role=cfg.role, coverage_threshold=cfg.coverage_threshold)
     elif kind == "vllm":

@@ -18,7 +18,7 @@ import logging
 import os
 import posixpath
 import time
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from pydantic import Field
 
@@ -44,6 +44,11 @@ class HFBackendConfig(Tagged):
                                    "the model's context less one): false = quarantine its row; true = cut its "
                                    "oldest tokens and count it in the manifest (counts.truncated_prompts).")
     generation_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra model.generate() kwargs, e.g. {repetition_penalty: 1.2}.")
+    wait_for: Optional[str] = Field(None, description="A path (local or s3://) that must exist before the model is "
+                                    "loaded: the completion marker of the job that writes it. The backend imports torch "
+                                    "and transformers first, so a replica started while its model still trains is up "
+                                    "and loads it the moment it is written.")
+    wait_timeout_s: float = Field(3600.0, gt=0, description="How long to wait for wait_for before failing.")
 
 
 WEIGHT_FILES = (".safetensors", ".bin", ".pt")
@@ -96,10 +101,12 @@ def pick_dtype(requested: str, device: str):
 class HFBackend(Backend):
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
                  trust_remote_code: bool = False, max_input_tokens: int = 2048, generation_kwargs: dict | None = None,
-                 truncate_prompts: bool = False):
+                 truncate_prompts: bool = False, wait_for: Optional[str] = None, wait_timeout_s: float = 3600.0):
         import torch  # lazy: torch and transformers take ~5 s to import; only a process that loads a model needs them
         from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: as torch
 
+        if wait_for:
+            storage.wait_for(wait_for, wait_timeout_s, f"model {model}: wait_for")
         self.name = model
         path = model if storage.is_local(model) else storage.localize(model)  # a hub name is "local": no scheme
         # the response cache's name for this model: its path *and* weights, so a model retrained into the same folder

@@ -52,12 +52,13 @@ def _resolve_model(path: str) -> str:
 
 def check_local_models(cfg: ServeConfig) -> None:
     """Fail fast, naming the key, when an hf model given as a local path does not exist
-    (instead of replicas failing to start). Hub names (``org/name``) and storage URLs are not checked."""
-    models = [("decomposer.model", cfg.decomposer.model)]
+    (instead of replicas failing to start). Hub names (``org/name``), storage URLs and models that a replica is to
+    wait for (``wait_for``: still being trained) are not checked."""
+    models = [("decomposer.model", cfg.decomposer.model, cfg.decomposer.wait_for)]
     if cfg.solver.backend.type == "hf":
-        models.append(("solver.backend.model", cfg.solver.backend.model))
-    for key, path in models:
-        if not storage.is_local(path):
+        models.append(("solver.backend.model", cfg.solver.backend.model, cfg.solver.backend.wait_for))
+    for key, path, wait_for in models:
+        if wait_for or not storage.is_local(path):
             continue
         looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") >= 2 or "\\" in path
         if looks_local and not os.path.isdir(_resolve_model(path)):
@@ -149,17 +150,45 @@ def start(cfg: ServeConfig, *, ingress_env: Optional[dict[str, str]] = None, rea
     Serve's HTTP options are cluster-wide and fixed when Serve first starts: a second app
     shares the first one's host and port.
     """
+    base = deploy(cfg, ingress_env=ingress_env)
+    wait_ready(cfg, ready_timeout_s)
+    return base
+
+
+def deploy(cfg: ServeConfig, *, ingress_env: Optional[dict[str, str]] = None) -> str:
+    """Start (or join) Ray and Serve and deploy the app without waiting for it; return the base URL. For an app
+    whose replicas wait for their model (``wait_for``): they start now, and :func:`wait_ready` waits later."""
     from ray import serve  # lazy: ~2 s to import; validating a serve config must not pay it
 
     if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):  # local Ray: paths are this machine's
         check_local_models(cfg)
     start_http(cfg)
-    serve.run(build_app(cfg, ingress_env=ingress_env), name=cfg.app_name, route_prefix=cfg.route_prefix, blocking=False,
-              logging_config={"enable_access_log": cfg.http.access_log})
-    base = cfg.base_url()
-    _wait_healthy(base + "/healthz", ready_timeout_s)
-    log.info("serving %s (app %r) at %s", " and ".join(cfg.served_models()), cfg.app_name, base)
-    return base
+    app = serve.RunTarget(target=build_app(cfg, ingress_env=ingress_env), name=cfg.app_name, route_prefix=cfg.route_prefix,
+                          logging_config={"enable_access_log": cfg.http.access_log})
+    # run_many, not run: run waits for the app to be running, and a replica that waits for its model is not, yet
+    serve.run_many([app], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
+    return cfg.base_url()
+
+
+def wait_ready(cfg: ServeConfig, timeout_s: float = 120.0) -> None:
+    """Wait until Serve reports the deployed app running (every deployment's replicas up), then for its
+    ``/healthz``; a failed deployment raises with Serve's message."""
+    from ray import serve  # lazy: ~2 s to import; validating a serve config must not pay it
+    from ray.serve.schema import ApplicationStatus  # lazy: as serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get(cfg.app_name)
+        status = app.status if app else ApplicationStatus.NOT_STARTED
+        if status == ApplicationStatus.RUNNING:
+            break
+        if status == ApplicationStatus.DEPLOY_FAILED:
+            raise RuntimeError(f"deploying app {cfg.app_name!r} failed: {app.message}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"app {cfg.app_name!r} was not running within {timeout_s:g}s (status {status.value})")
+        time.sleep(0.25)  # polling, as serve.run does: Serve's public API has no wait for an app deployed without blocking
+    _wait_healthy(cfg.base_url() + "/healthz", max(1.0, deadline - time.monotonic()))
+    log.info("serving %s (app %r) at %s", " and ".join(cfg.served_models()), cfg.app_name, cfg.base_url())
 
 
 def start_http(cfg: ServeConfig) -> None:

@@ -157,13 +157,17 @@ class DecomposerConfig(_DeploymentOptions):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
     max_input_tokens: int = Field(2048, ge=16)
+    wait_for: Optional[str] = Field(None, description="hf engine: a path that must exist before the model is loaded "
+                                    "(its train job's completion marker); the replicas start and wait for it.")
+    wait_timeout_s: float = Field(3600.0, gt=0, description="How long a replica waits for wait_for before failing.")
     sampling: SamplingParams = Field(default_factory=lambda: SamplingParams(max_tokens=128),
                                     description="Defaults of the decomposer's requests (a chat request may override them).")
 
     def backend_config(self) -> HFBackendConfig:
         # One Serve batch is one generate() call: the backend's chunk size is the batch size.
         return HFBackendConfig(model=self.model, device=self.device, dtype=self.dtype, batch_size=self.max_batch_size,
-                               trust_remote_code=self.trust_remote_code, max_input_tokens=self.max_input_tokens)
+                               trust_remote_code=self.trust_remote_code, max_input_tokens=self.max_input_tokens,
+                               wait_for=self.wait_for, wait_timeout_s=self.wait_timeout_s)
 
 
 # A served solver must be a real model: local HF or an OpenAI-compatible endpoint (vLLM, OpenAI, ...).
