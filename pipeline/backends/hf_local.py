@@ -106,6 +106,7 @@ class HFBackend(Backend):
         from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: as torch
 
         if wait_for:
+            import transformers.modeling_utils  # lazy: as torch; from_pretrained would import it (2 s): now, while we wait  # noqa: F401
             storage.wait_for(wait_for, wait_timeout_s, f"model {model}: wait_for")
         self.name = model
         path = model if storage.is_local(model) else storage.localize(model)  # a hub name is "local": no scheme
