@@ -576,6 +576,8 @@ def test_a_model_waits_for_its_marker_and_fails_naming_it(tiny_model_dir, tmp_pa
     marker = str(tmp_path / "teacher" / "ready")
     with pytest.raises(TimeoutError, match=f"wait_for: {marker} did not appear within 0.5 s"):
         make_backend(HFBackendConfig(model=tiny_model_dir, device="cpu", wait_for=marker, wait_timeout_s=0.5))
+    with pytest.raises(Exception, match="decomposer.wait_for: only the hf engine"):  # vLLM would not wait: refused
+        _config(tiny_model_dir, 8000, decomposer={"engine": "vllm", "wait_for": marker})
     os.makedirs(os.path.dirname(marker))
     open(marker, "w").close()
     assert make_backend(HFBackendConfig(model=tiny_model_dir, device="cpu", wait_for=marker)).name == tiny_model_dir

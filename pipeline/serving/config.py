@@ -237,6 +237,9 @@ class ServeConfig(Strict):
         for stage in ("decomposer", "solver"):
             if getattr(self, stage).sampling.max_tokens > self.limits.max_tokens:
                 raise ValueError(f"{stage}.sampling.max_tokens exceeds limits.max_tokens")
+        if self.decomposer.engine != "hf" and self.decomposer.wait_for:
+            raise ValueError("decomposer.wait_for: only the hf engine waits for its model; unset it for engine "
+                             f"{self.decomposer.engine}")
         if self.colocate:
             for stage in ("decomposer", "solver"):
                 opts = getattr(self, stage)
