@@ -5,7 +5,9 @@ rewritten after every step, so a timeout still leaves the steps that ran):
 
 1. ``env``           versions, device, GPU count and memory
 2. ``models``        a tiny Llama-3-family student built locally (no download) + SFT rows + prepared samples
-3. ``generate_vllm`` the teacher through ray.data.llm (``type: vllm``) on a small ``generate``       [GPU + vLLM]
+3. ``generate_hf``   the teacher as a local transformers model on the GPU (``type: hf, device: auto``,
+                     one pool actor holding the GPU) on a small ``generate``           [CPU: device cpu]
+   ``generate_vllm`` the teacher through ray.data.llm (``type: vllm``) on a small ``generate``       [GPU + vLLM]
 4. ``train_zero2``   bf16 ZeRO-2 on nccl (1 GPU per worker; 2 workers if 2 GPUs, else 1: NCCL
                      refuses two ranks on one device)                                  [CPU: fp32, gloo, 2 workers]
 5. ``train_zero3``   bf16 ZeRO-3, same placement                                        [CPU: fp32, gloo, 2 workers]
@@ -106,6 +108,9 @@ def models_step(c: Check) -> dict[str, Any]:
     from tests.test_training import make_rows, write_parquet
     from training.sft_data import corpus_from_rows
 
+    if not c.cpu:  # that test module pins DeepSpeed to the CPU for the suite; Ray workers would inherit it
+        os.environ.pop("DS_ACCELERATOR", None)
+
     rows = make_rows(256)
     template = open(os.path.join(REPO, "tests", "fixtures", "chat_templates", "llama.jinja")).read()
     c.ctx["base"] = build_family_model(os.path.join(c.out, "base"), "llama", corpus_from_rows(rows), template,
@@ -116,19 +121,30 @@ def models_step(c: Check) -> dict[str, Any]:
     return {"base": c.ctx["base"]}
 
 
-def generate_vllm_step(c: Check) -> dict[str, Any]:
+def _generate(c: Check, name: str, teacher: str, pool: str) -> dict[str, Any]:
     from ray_jobs.generate import main as generate
 
-    out = os.path.join(c.out, "generate")
-    teacher = (f"{{type: vllm, model: {c.ctx['base']}, concurrency: 1, batch_size: 16, "
-               "engine_kwargs: {max_model_len: 1024, gpu_memory_utilization: 0.3, enforce_eager: true}}")
+    out = os.path.join(c.out, name)
     t0 = time.perf_counter()
     assert generate(["--config", os.path.join(REPO, "configs", "generate.yaml"), f"input.path={c.ctx['prepared']}",
                      "input.limit=32", f"output.dir={out}", "output.shard_size=64", f"teacher={teacher}",
-                     "sampling.max_tokens=48", "pool={min_actors: 1, max_actors: 1, num_cpus: 0.5, num_gpus: 0}"]) == 0
+                     "sampling.max_tokens=48", f"pool={pool}"]) == 0
     wall = time.perf_counter() - t0
     m = json.load(open(os.path.join(out, "manifest.json")))
     return {"counts": m["counts"], "usage": m.get("usage"), "wall_s": round(wall, 1)}
+
+
+def generate_hf_step(c: Check) -> dict[str, Any]:
+    device = "cpu" if c.cpu else "auto"
+    teacher = f"{{type: hf, model: {c.ctx['base']}, device: {device}, batch_size: 16}}"
+    pool = f"{{min_actors: 1, max_actors: 1, num_cpus: 1, num_gpus: {0 if c.cpu else 1}}}"
+    return _generate(c, "generate_hf", teacher, pool)
+
+
+def generate_vllm_step(c: Check) -> dict[str, Any]:
+    teacher = (f"{{type: vllm, model: {c.ctx['base']}, concurrency: 1, batch_size: 16, "
+               "engine_kwargs: {max_model_len: 1024, gpu_memory_utilization: 0.3, enforce_eager: true}}")
+    return _generate(c, "generate_vllm", teacher, "{min_actors: 1, max_actors: 1, num_cpus: 0.5, num_gpus: 0}")
 
 
 def _train(c: Check, name: str, zero: int, extra: dict[str, Any]) -> dict[str, Any]:
@@ -193,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     c = Check(os.path.abspath(args.out), args.cpu, [s for s in args.only.split(",") if s])
     c.step("env", lambda: env_step(c))
     c.step("models", lambda: models_step(c))
+    c.step("generate_hf", lambda: generate_hf_step(c))
     c.step("generate_vllm", lambda: generate_vllm_step(c), needs=("gpu", "vllm"))
     c.step("train_zero2", lambda: _train(c, "train_zero2", 2, {}))
     c.step("train_zero3", lambda: _train(c, "train_zero3", 3, {}))

@@ -281,6 +281,21 @@ def test_deepspeed_config_builder():
     assert resolve_precision("bf16", use_gpu=False) == "fp32"
 
 
+def test_a_gpu_job_ignores_an_inherited_cpu_accelerator(monkeypatch):
+    """A GPU job started from an environment pinned to the CPU (this suite's own DS_ACCELERATOR=cpu, found
+    on the H200 by scripts/gpu_check.py) must let DeepSpeed find the GPU; a CPU job pins the CPU."""
+    from training.engine import choose_accelerator
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    choose_accelerator(use_gpu=True)
+    assert "DS_ACCELERATOR" not in os.environ
+    monkeypatch.setenv("DS_ACCELERATOR", "xpu")  # an accelerator the user chose stays
+    choose_accelerator(use_gpu=True)
+    assert os.environ["DS_ACCELERATOR"] == "xpu"
+    choose_accelerator(use_gpu=False)
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
+
+
 STUDENTS = """
 model: {build_tiny: true, tiny: {hidden_size: 64, num_layers: 2}}
 schedule: {max_steps: 300}

@@ -5,6 +5,7 @@ the next model of the job starts clean."""
 from __future__ import annotations
 
 import gc
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -20,12 +21,19 @@ from training.deepspeed_config import build_deepspeed_config, fused_adam_availab
 
 SHM_COMM_OP = "deepspeed_shm_comm"
 
+log = logging.getLogger("divconq.train")
+
 
 def choose_accelerator(use_gpu: bool) -> None:
     """Pin DeepSpeed's accelerator before it is imported (it picks one at import): CPU unless the job
-    trains on GPUs, even on a node that has one."""
+    trains on GPUs, even on a node that has one. A GPU job drops a ``DS_ACCELERATOR=cpu`` inherited from
+    the driver's environment (a CPU test session, a CPU job run before it): DeepSpeed would keep the model on
+    the CPU and nccl would fail on its first broadcast ("No backend type associated with device type cpu")."""
     if not use_gpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
+    elif os.environ.get("DS_ACCELERATOR") == "cpu":
+        log.warning("scaling.use_gpu is true: ignoring DS_ACCELERATOR=cpu from the environment")
+        del os.environ["DS_ACCELERATOR"]
 
 
 def skip_unused_shm_op() -> None:
