@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 import socket
 import uuid
 
@@ -594,7 +595,7 @@ def test_a_job_waits_for_its_input_and_skips_a_model_whose_set_is_empty(ray_clus
     # the students' base is built already (a tiny model built by the job would read its training text on the driver)
     os.makedirs(upstream)
     shutil.copytree(train, f"{upstream}/a")
-    with pytest.raises(Exception, match="wait_for"):  # nothing ever writes the marker
+    with pytest.raises(Exception, match=f"wait_for \\(the input {re.escape(upstream)}/a\\)"):  # nothing writes the marker
         run(config(1, "a"))
     assert not storage.exists(f"{out}/students/a/manifest.json")
 

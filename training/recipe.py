@@ -196,7 +196,8 @@ class SFTRecipe:
         # lazy: imported now, while the worker only waits (the engine, next, needs it; it picks its accelerator at import)
         import deepspeed  # noqa: F401
 
-        storage.wait_for(self.cfg.data.wait_for, self.cfg.data.wait_timeout_s, f"train {self.name}: data.wait_for")
+        storage.wait_for(self.cfg.data.wait_for, self.cfg.data.wait_timeout_s,
+                         f"train {self.name}: data.wait_for (the input {self.cfg.data.train_path})")
 
     def _load_data(self) -> None:
         data = self.cfg.data
