@@ -1,4 +1,4 @@
-"""The paper's pattern, checked on the full miniature (``divconq quickstart``: 8.4-11.7 min on the 2-core AVX-512 EPYC, 2026-12-03; 30-41 on the AVX2-only one before its stages ran side by side).
+"""The paper's pattern, checked on the full miniature (``divconq quickstart``: 8.1-12.3 min on the 2-core AVX-512 EPYC, 2026-12-03 and -04; 30-41 on the AVX2-only one before its stages ran side by side).
 
 Marked ``pattern`` and left out of every run whose ``-m`` does not name it (tests/conftest.py; it is the whole experiment, not a unit of the
 machinery): ``.venv/bin/python -m pytest -m pattern``; ``DIVCONQ_PATTERN_RUN=runs/quickstart`` checks a finished run instead. It checks the claims of issue 12 with tolerances,
