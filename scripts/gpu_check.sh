@@ -8,7 +8,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-gpu_check_results}"; shift || true
-PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}"
+# .venv (scripts/setup.sh), else the image's python3 (GPU images often have no plain `python`)
+PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || command -v python3 || echo python )}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_DEDUP_LOGS=1
 timeout --signal=TERM --kill-after=20 "${GPU_CHECK_TIMEOUT_S:-480}" "$PY" scripts/gpu_check.py --out "$OUT" "$@"
 rc=$?
