@@ -108,9 +108,8 @@ def models_step(c: Check) -> dict[str, Any]:
     from tests.test_training import make_rows, write_parquet
     from training.sft_data import corpus_from_rows
 
-    if not c.cpu:  # that test module pins DeepSpeed to the CPU for the suite; Ray workers would inherit it
-        os.environ.pop("DS_ACCELERATOR", None)
-
+    # tests.test_training pins DS_ACCELERATOR=cpu for the suite and Ray's workers inherit it: left as it is, so a
+    # GPU run exercises training.engine.choose_accelerator, which drops it for a use_gpu job
     rows = make_rows(256)
     template = open(os.path.join(REPO, "tests", "fixtures", "chat_templates", "llama.jinja")).read()
     c.ctx["base"] = build_family_model(os.path.join(c.out, "base"), "llama", corpus_from_rows(rows), template,
